@@ -1,0 +1,57 @@
+# refund-gate: every command a developer needs. `make run` serves, `make test` tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_SRC := proto/refundgate/v1/refund_gate.proto
+PROTO_OUT := .
+
+.PHONY: all venv run test lint typecheck proto proto-check bench train clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Serve on 127.0.0.1:50051 with the committed default model; starts a local redis-server
+## on a free port unless GATE_REDIS_URL is set.
+run: $(STAMP)
+	@deploy/run-dev.sh
+
+## Every test, each fixture starting its own redis-server.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check gate model tests || true
+
+typecheck: $(STAMP)
+	$(BIN)/mypy gate
+
+## Regenerate the protobuf/gRPC code from proto/ (never edit refundgate/ by hand).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) $(PROTO_SRC)
+	@touch refundgate/__init__.py refundgate/v1/__init__.py
+
+## Fails when the committed generated code is stale.
+proto-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_proto_generated.py
+
+## Latency and throughput of Check beside a bare echo server, plus scoring µs.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --out bench-results/bench.json
+
+## Simulate traffic, build the training set through the gate's own code, train, bundle.
+train: $(STAMP)
+	$(BIN)/python -m model.train
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
