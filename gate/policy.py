@@ -1,0 +1,141 @@
+"""Turn a score, the guard rules and the feature attribution into a decision with reasons.
+
+The model's thresholds come from the bundle's manifest. Guard rules only ever raise severity:
+a refund above the order amount (this request, or all requests against the order together) and a
+blocklisted account, device or IP are rejected whatever the score. When velocity features were
+unavailable the degraded policy applies: approve only small refunds the model is calm about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gate.features import FEATURES
+
+APPROVE, HOLD, REJECT = "APPROVE", "HOLD_FOR_REVIEW", "REJECT"
+_RANK = {APPROVE: 0, HOLD: 1, REJECT: 2}
+MAX_MODEL_REASONS = 3
+
+REASON_DETAILS: dict[str, str] = {
+    "REFUND_EXCEEDS_ORDER": "refunds asked against this order exceed the order amount",
+    "BLOCKLISTED_ACCOUNT": "the account is on the blocklist",
+    "BLOCKLISTED_DEVICE": "the device is on the blocklist",
+    "BLOCKLISTED_IP": "the IP address is on the blocklist",
+    "FEATURES_UNAVAILABLE": "velocity counters were unavailable; decided by the degraded policy",
+    "QUICK_REFUND_AFTER_ORDER": "the refund was asked unusually soon after the order",
+    "HIGH_REFUND_AMOUNT": "the refund amount is unusually high",
+    "NEW_ACCOUNT": "the account is new",
+    "REFUND_REASON": "the refund reason is often abused in this context",
+    "ITEM_CATEGORY": "the item category is often abused in this context",
+    "NOT_RECEIVED_BUT_DELIVERED": "'not received' claimed on an order logistics shows as delivered",
+    "PAYMENT_METHOD": "the payment method is often abused in this context",
+    "ITEM_NOT_RETURNED": "the item was not returned",
+    "DIGITAL_GOODS_QUICK_REFUND": "digital goods refunded within an hour of purchase",
+    "HIGH_REFUND_VELOCITY": "many refund requests in a short time",
+    "SERIAL_NOT_RECEIVED": "repeated 'not received' claims",
+    "IP_CITY_HOPPING": "the account changes IPs, cities or devices unusually often",
+    "PRIOR_CONFIRMED_ABUSE": "earlier refunds of the account were confirmed abusive",
+    "MERCHANT_COLLUSION": "unusual refund pattern between this account and merchant",
+    "SPLIT_REFUNDS": "several refunds asked against one order",
+    "MANY_ACCOUNTS_ON_DEVICE": "many accounts use this device",
+    "MANY_ACCOUNTS_ON_IP": "many accounts use this IP address",
+    "MERCHANT_REFUND_SPIKE": "the merchant's refunds spike",
+    "BNPL_CASHOUT": "buy-now-pay-later orders at this merchant turn into refunds",
+}
+_FEATURE_REASONS = tuple(f.reason for f in FEATURES)
+assert set(_FEATURE_REASONS) <= set(REASON_DETAILS), "every feature reason needs a detail text"
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Score thresholds of a model, from its manifest: hold at or above, reject at or above."""
+
+    hold: float
+    reject: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.hold <= self.reject <= 1.0:
+            raise ValueError("thresholds must satisfy 0 < hold <= reject <= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class DegradedPolicy:
+    """What to do without velocity features: approve only below this amount and the hold line."""
+
+    approve_below_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision and its reason codes, most important first."""
+
+    decision: str
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """Everything the rules look at, besides the score."""
+
+    amount_minor: int
+    order_amount_minor: int
+    order_amount_asked: int | None  # all requests against the order, this one included
+    blocked: Sequence[str]  # "account", "device", "ip"
+    degraded: bool
+
+
+def model_decision(score: float, t: Thresholds) -> str:
+    """The decision the score alone implies."""
+    if score >= t.reject:
+        return REJECT
+    if score >= t.hold:
+        return HOLD
+    return APPROVE
+
+
+def decide(
+    score: float | None, t: Thresholds, facts: Facts, degraded: DegradedPolicy,
+    explain: Callable[[], Sequence[float]] | None = None,
+) -> Verdict:
+    """Combine the model, the guard rules and the degraded policy into one verdict.
+
+    ``explain`` returns the per-feature contribution to the score (FEATURES order); it is called
+    only for HOLD and REJECT, the only decisions whose reasons anyone reads.
+    """
+    decision = APPROVE if score is None else model_decision(score, t)
+    rules: list[str] = []
+    asked = max(facts.amount_minor, facts.order_amount_asked or 0)
+    if asked > facts.order_amount_minor:
+        rules.append("REFUND_EXCEEDS_ORDER")
+    rules.extend(f"BLOCKLISTED_{kind.upper()}" for kind in facts.blocked)
+    if rules:
+        decision = REJECT
+    if facts.degraded:
+        calm = score is not None and score < t.hold
+        if not (calm and facts.amount_minor < degraded.approve_below_minor):
+            decision = _max(decision, HOLD)
+        rules.append("FEATURES_UNAVAILABLE")
+    if decision == APPROVE:
+        return Verdict(APPROVE, ("FEATURES_UNAVAILABLE",) if facts.degraded else ())
+    attribution = explain() if explain is not None else None
+    return Verdict(decision, tuple(rules) + _model_reasons(attribution, rules))
+
+
+def _max(a: str, b: str) -> str:
+    return a if _RANK[a] >= _RANK[b] else b
+
+
+def _model_reasons(attribution: Sequence[float] | None, already: Sequence[str]) -> tuple[str, ...]:
+    """Reason codes of the features that pushed the score up most, one per code."""
+    if attribution is None:
+        return ()
+    order = sorted(range(len(attribution)), key=attribution.__getitem__, reverse=True)
+    out: list[str] = []
+    for i in order:
+        if attribution[i] <= 0 or len(out) == MAX_MODEL_REASONS:
+            break
+        code = _FEATURE_REASONS[i]
+        if code not in out and code not in already:
+            out.append(code)
+    return tuple(out)

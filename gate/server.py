@@ -1,0 +1,184 @@
+"""Wiring: build the gRPC server (service, health, reflection) and run it until SIGTERM.
+
+``create_server`` is separate from ``serve`` so tests bind port 0 and get the real server.
+Health is NOT_SERVING until a model is loaded and Redis has answered once, SERVING after that
+(a Redis outage later degrades decisions but does not take the sidecar out of rotation), and
+NOT_SERVING again as soon as shutdown starts, so load balancers drain before the port closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gate.bundle import Bundle
+from gate.redisclient import RedisAddress, RedisConnection, RedisError
+from gate.service import ModelHolder, RefundGateService
+from gate.settings import Settings
+from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
+from refundgate.v1 import refund_gate_pb2 as pb
+from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
+T = TypeVar("T")
+
+
+def _guard(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map any unexpected exception to INTERNAL with a generic message: never a traceback."""
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    guarded.__name__ = method.__name__
+    return guarded
+
+
+@dataclass
+class Gate:
+    """A built, not yet started gate: the server and the parts tests may want to reach."""
+
+    server: grpc.aio.Server
+    port: int
+    service: RefundGateService
+    health: health.aio.HealthServicer
+    redis: RedisConnection
+    models: ModelHolder
+    _tasks: list[asyncio.Task[None]]
+
+    async def start(self) -> None:
+        """Start serving and watch Redis until it answers once, then report SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._become_ready()))
+
+    async def _become_ready(self) -> None:
+        delay = 0.02
+        while True:
+            try:
+                if not self.redis.connected:
+                    await self.redis.connect()
+                await self.redis.call([("PING",)], timeout_s=1.0)
+                break
+            except RedisError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if self.models.bundle is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving", extra={"port": self.port,
+                                       "model_version": self.models.bundle.version})
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then close."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace_s)
+        await self.redis.close()
+
+
+def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool = False) -> Gate:
+    """Build the server on ``settings.listen`` (port 0 picks a free one)."""
+    redis = RedisConnection(
+        RedisAddress.from_url(settings.redis_url),
+        connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
+        on_connect=LOAD_SCRIPTS,
+    )
+    store = VelocityStore(redis, prefix=settings.key_prefix,
+                          hasher=IdHasher(settings.id_hash_key), replay_ttl_s=settings.replay_ttl_s)
+    models = ModelHolder(bundle)
+    service = RefundGateService(settings, store, models)
+    service.Check = _guard(service.Check)  # type: ignore[method-assign]
+    service.RecordEvents = _guard(service.RecordEvents)  # type: ignore[method-assign]
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_RefundGateServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"cannot bind {settings.listen}")
+    return Gate(server, port, service, health_servicer, redis, models, [])
+
+
+async def _run(settings: Settings, bundle: Bundle, reuse_port: bool) -> None:
+    gate = create_gate(settings, bundle, reuse_port=reuse_port)
+    await gate.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_s": settings.grace_s})
+    await gate.stop(settings.grace_s)
+
+
+def serve(settings: Settings, bundle: Bundle) -> None:
+    """Run until SIGTERM/SIGINT; with workers > 1, fork that many processes sharing the port."""
+    if settings.workers == 1:
+        asyncio.run(_run(settings, bundle, reuse_port=False))
+        return
+    _check_port_free(settings.listen)
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()  # before any gRPC object exists in this process
+        if pid == 0:
+            try:
+                asyncio.run(_run(settings, bundle, reuse_port=True))
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    sys.exit(status)
+
+
+def _check_port_free(listen: str) -> None:
+    """With SO_REUSEPORT a second gate would silently share a busy port; refuse instead."""
+    host, _, port = listen.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+        try:
+            s.bind((host.strip("[]"), int(port)))
+        except OSError:
+            raise OSError(f"{listen} is already in use") from None

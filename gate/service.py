@@ -1,0 +1,304 @@
+"""The RefundGate servicer: it only orchestrates.
+
+    request → validate → request features → velocity (one round trip) → assemble → score → decide
+            → respond; then, off the hot path, store the answer for retries
+
+Retries: the account script is the authority on whether a refund_id was already counted; its
+stored answer comes back in the same round trip. Concurrent identical calls in one process share
+one computation (single flight); across processes the scripts' per-entity dedup keeps counts
+exact and the decision id is derived from the refund id, so every copy names the same decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gate import features, policy
+from gate.bundle import Bundle
+from gate.redisclient import RedisError
+from gate.settings import Settings
+from gate.validation import ValidationError, validate_check, validate_events
+from gate.velocity import CheckVelocity, RefundFacts, Status, VelocityStore
+from refundgate.v1 import refund_gate_pb2 as pb
+from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_DECISIONS = {policy.APPROVE: pb.DECISION_APPROVE, policy.HOLD: pb.DECISION_HOLD_FOR_REVIEW,
+              policy.REJECT: pb.DECISION_REJECT}
+_REPLY_MAGIC = b"rg1"
+_FP_LEN = 16
+EVENTS_TIMEOUT_S = 2.0
+
+
+class ModelHolder:
+    """The live bundle; swapped with one reference assignment, read once per request."""
+
+    __slots__ = ("bundle",)
+
+    def __init__(self, bundle: Bundle | None = None) -> None:
+        self.bundle = bundle
+
+
+@dataclass(slots=True)
+class _InFlight:
+    fingerprint: bytes
+    future: asyncio.Future[pb.CheckResponse]
+
+
+def prepare(
+    store: VelocityStore, request: pb.CheckRequest, at_s: float
+) -> tuple[features.RequestFeatures, RefundFacts]:
+    """Request features and hashed facts of a validated request (no I/O)."""
+    rf = features.from_request(request, at_s)
+    return rf, store.refund_facts(request, at_s, rf.flags)
+
+
+async def observe(
+    store: VelocityStore, rf: features.RequestFeatures, facts: RefundFacts, timeout_s: float
+) -> tuple[CheckVelocity | None, list[float]]:
+    """Record the refund, read its windows (one round trip) and assemble the feature row.
+
+    This is the only way a feature row is made: Check serves with it and the training set is
+    built with it, so the model learns exactly what the gate will see. Velocity is None (and its
+    features NaN) when Redis failed or there was no time left for it.
+    """
+    velocity: CheckVelocity | None = None
+    if timeout_s > 0:
+        try:
+            velocity = await store.record_and_read(facts, timeout_s)
+        except RedisError as exc:
+            log.debug("velocity unavailable: %s", type(exc).__name__)
+    row = features.assemble(rf, velocity.counters if velocity is not None else {})
+    return velocity, row
+
+
+def fingerprint(req: pb.CheckRequest) -> bytes:
+    """Identity of a request's content, ignoring requested_at (a retry may restamp it)."""
+    copy = pb.CheckRequest()
+    copy.CopyFrom(req)
+    copy.ClearField("requested_at")
+    return hashlib.blake2b(copy.SerializeToString(deterministic=True), digest_size=_FP_LEN).digest()
+
+
+def pack_reply(fp: bytes, response: pb.CheckResponse) -> bytes:
+    """Stored form of an answer: magic, request fingerprint, response bytes."""
+    return _REPLY_MAGIC + fp + response.SerializeToString()
+
+
+def unpack_reply(payload: bytes) -> tuple[bytes, pb.CheckResponse] | None:
+    """Inverse of pack_reply; None for anything that is not a stored answer."""
+    if not payload.startswith(_REPLY_MAGIC):
+        return None
+    start = len(_REPLY_MAGIC)
+    response = pb.CheckResponse()
+    response.ParseFromString(payload[start + _FP_LEN:])
+    return payload[start:start + _FP_LEN], response
+
+
+def bad_request_status(err: ValidationError) -> grpc.Status:
+    """INVALID_ARGUMENT with a google.rpc.BadRequest naming every violated field."""
+    detail = error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+        for v in err.violations
+    ])
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT,
+        message="invalid request: " + ", ".join(sorted({v.field for v in err.violations})),
+    )
+    status.details.add().Pack(detail)
+    return rpc_status.to_status(status)
+
+
+class RefundGateService(pb_grpc.RefundGateServicer):
+    """Check and RecordEvents over one velocity store and the live model."""
+
+    def __init__(self, settings: Settings, store: VelocityStore, models: ModelHolder,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.models = models
+        self.clock = clock
+        self.degraded_policy = policy.DegradedPolicy(settings.degraded_approve_below_minor)
+        self._in_flight: dict[str, _InFlight] = {}
+        self._active = 0
+
+    async def Check(  # noqa: N802 (gRPC method name)
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckResponse:
+        """One refund request, one decision; see the module docstring for the path."""
+        if self._active >= self.settings.max_concurrency:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "gate overloaded, retry later")
+        self._active += 1
+        try:
+            return await self._check(request, context)
+        finally:
+            self._active -= 1
+
+    async def _check(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckResponse:
+        started = time.monotonic()
+        s = self.settings
+        try:
+            at_s = validate_check(request, now_s=self.clock(),
+                                  allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s)
+        except ValidationError as err:
+            await context.abort_with_status(bad_request_status(err))
+        bundle = self.models.bundle
+        if bundle is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no valid model loaded")
+
+        rf, facts = prepare(self.store, request, at_s)
+        fp = fingerprint(request)
+
+        waiting = self._in_flight.get(facts.refund)
+        if waiting is not None:
+            if waiting.fingerprint != fp:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                    "refund_id was already used for a different request")
+            shared = await self._await_shared(waiting, started, context)
+            if shared is not None:
+                return shared
+        mine = _InFlight(fp, asyncio.get_running_loop().create_future())
+        self._in_flight[facts.refund] = mine
+        try:
+            response = await self._decide(request, context, bundle, rf, facts, fp, started)
+            mine.future.set_result(response)
+            return response
+        except BaseException as exc:
+            mine.future.set_exception(exc)
+            mine.future.exception()
+            raise
+        finally:
+            if self._in_flight.get(facts.refund) is mine:
+                del self._in_flight[facts.refund]
+
+    async def _await_shared(
+        self, waiting: _InFlight, started: float, context: grpc.aio.ServicerContext
+    ) -> pb.CheckResponse | None:
+        try:
+            async with asyncio.timeout(self._budget_s(started, context)):
+                original = await asyncio.shield(waiting.future)
+        except Exception:  # the original failed or is late: decide on our own
+            return None
+        response = pb.CheckResponse()
+        response.CopyFrom(original)
+        response.replayed = True
+        return response
+
+    def _budget_s(self, started: float, context: grpc.aio.ServicerContext) -> float:
+        """Time left for this Check: min(budget, caller deadline - margin), from its start."""
+        s = self.settings
+        left = s.budget_ms / 1000.0 - (time.monotonic() - started)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            left = min(left, remaining - s.deadline_margin_ms / 1000.0)
+        return left
+
+    async def _decide(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, bundle: Bundle,
+        rf: features.RequestFeatures, facts: RefundFacts, fp: bytes, started: float,
+    ) -> pb.CheckResponse:
+        redis_s = self._budget_s(started, context) - self.settings.score_reserve_ms / 1000.0
+        velocity, row = await observe(self.store, rf, facts, redis_s)
+        if velocity is not None:
+            replay = await self._replay(request, context, velocity, facts, fp)
+            if replay is not None:
+                return replay
+        counters = velocity.counters if velocity is not None else {}
+        degraded = velocity is None or not velocity.complete
+        model = bundle.model
+        score = model.score(row)
+        account = counters.get("account")
+        verdict = policy.decide(
+            score, bundle.thresholds,
+            policy.Facts(
+                amount_minor=request.amount_minor,
+                order_amount_minor=request.order_amount_minor,
+                order_amount_asked=account["order_amount"] if account else None,
+                blocked=velocity.blocked if velocity is not None else (),
+                degraded=degraded,
+            ),
+            self.degraded_policy,
+            explain=lambda: model.contributions(model.last_leaves()),
+        )
+        status = velocity.status if velocity is not None else None
+        response = pb.CheckResponse(
+            refund_id=request.refund_id,
+            decision=_DECISIONS[verdict.decision],
+            score=score,
+            reasons=[pb.Reason(code=c, detail=policy.REASON_DETAILS[c]) for c in verdict.reasons],
+            model_version=bundle.version,
+            degraded=degraded,
+            replayed=status == Status.DUPLICATE,
+            decision_id=_decision_id(facts.refund, status),
+        )
+        if status == Status.COUNTED and not degraded:
+            self.store.store_reply(facts.refund, pack_reply(fp, response))
+        return response
+
+    async def _replay(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext,
+        velocity: CheckVelocity, facts: RefundFacts, fp: bytes,
+    ) -> pb.CheckResponse | None:
+        """The stored answer for a retry, or ALREADY_EXISTS for a reused refund_id."""
+        stored = unpack_reply(velocity.stored_reply) if velocity.stored_reply else None
+        conflict = velocity.status == Status.CONFLICT or (stored is not None and stored[0] != fp)
+        if conflict:
+            if velocity.counted:  # scripts of entities the original did not touch counted it
+                task = asyncio.get_running_loop().create_task(
+                    self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S))
+                task.add_done_callback(_log_failure)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                "refund_id was already used for a different request")
+        if stored is not None:
+            response = stored[1]
+            response.replayed = True
+            return response
+        return None
+
+    async def RecordEvents(  # noqa: N802 (gRPC method name)
+        self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordEventsResponse:
+        """Count order and outcome events; all or nothing, a repeated event_id counts once."""
+        s = self.settings
+        try:
+            times = validate_events(request, now_s=self.clock(),
+                                    allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s,
+                                    max_events=s.max_events_per_call)
+        except ValidationError as err:
+            await context.abort_with_status(bad_request_status(err))
+        timeout = EVENTS_TIMEOUT_S
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining - s.deadline_margin_ms / 1000.0)
+        try:
+            statuses = await self.store.record_events(request.events, times, max(timeout, 0.001))
+        except RedisError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "velocity store unavailable; retry, events are idempotent")
+        accepted = sum(1 for st in statuses if st == Status.COUNTED)
+        return pb.RecordEventsResponse(accepted=accepted, duplicates=len(statuses) - accepted)
+
+
+def _decision_id(refund_hash: str, status: Status | None) -> str:
+    """Derived from the refund when its count is known (so racing copies agree), else random."""
+    if status is None:
+        return "d-" + os.urandom(12).hex()
+    return "d-" + hashlib.blake2b(refund_hash.encode(), digest_size=12).hexdigest()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("undo of a conflicting refund failed: %s", type(task.exception()).__name__)

@@ -1,0 +1,179 @@
+"""The one settings object: built from ``GATE_*`` environment variables and command-line flags.
+
+Every knob is a field here, documented next to its default, validated once at start-up and
+printed once (secrets masked). Nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEV_ID_KEY = "refund-gate-dev-key-not-secret"
+"""Key for hashing ids before they reach Redis. Fine for a laptop, never for production:
+set ``GATE_ID_HASH_KEY`` to a secret so that a Redis dump cannot be joined back to account ids."""
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model" / "bundles" / "current"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or out of range; raised at start-up, before serving."""
+
+
+def _meta(doc: str, *, secret: bool = False) -> dict[str, Any]:
+    return {"doc": doc, "secret": secret}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Effective configuration of one gate process. Field ``x`` is env ``GATE_X``, flag ``--x``."""
+
+    listen: str = field(default="127.0.0.1:50051", metadata=_meta(
+        "host:port the RefundGate gRPC service binds."))
+    workers: int = field(default=1, metadata=_meta(
+        "Server processes sharing the port through SO_REUSEPORT (1 = this process only)."))
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_meta(
+        "Redis holding the velocity counters and stored replies (redis://[:password@]host:port/db).",
+        secret=True))
+    redis_connect_timeout_ms: float = field(default=200.0, metadata=_meta(
+        "Time allowed to open a Redis connection; off the hot path, in the background."))
+    model_dir: Path = field(default=DEFAULT_MODEL_DIR, metadata=_meta(
+        "Model bundle to serve (a bundle directory or a symlink to one)."))
+    budget_ms: float = field(default=25.0, metadata=_meta(
+        "Time one Check may take end to end, unless the caller's deadline is shorter."))
+    deadline_margin_ms: float = field(default=2.0, metadata=_meta(
+        "Kept back from the caller's deadline for the response to travel back."))
+    score_reserve_ms: float = field(default=1.0, metadata=_meta(
+        "Kept back from the budget for scoring, policy and response after Redis."))
+    allow_client_time: bool = field(default=False, metadata=_meta(
+        "Trust requested_at/occurred_at far from the server clock (replays, backfills, simulations)."))
+    clock_skew_s: float = field(default=300.0, metadata=_meta(
+        "Largest distance between a client timestamp and the server clock when not trusted."))
+    id_hash_key: str = field(default=DEV_ID_KEY, metadata=_meta(
+        "Secret key for the keyed hash of ids in Redis keys; the default is a documented dev key.",
+        secret=True))
+    key_prefix: str = field(default="rg", metadata=_meta(
+        "Prefix of every Redis key, so several gates can share one Redis."))
+    replay_ttl_s: int = field(default=8 * 86400, metadata=_meta(
+        "How long a decision is kept for retries with the same refund_id (idempotency horizon)."))
+    degraded_approve_below_minor: int = field(default=5000, metadata=_meta(
+        "Degraded policy: without velocity features, APPROVE only below this refund amount."))
+    max_concurrency: int = field(default=256, metadata=_meta(
+        "Checks in flight per process; beyond it the gate answers RESOURCE_EXHAUSTED at once."))
+    max_message_bytes: int = field(default=64 * 1024, metadata=_meta(
+        "Largest request message accepted."))
+    max_events_per_call: int = field(default=1000, metadata=_meta(
+        "Largest RecordEvents batch."))
+    grace_s: float = field(default=5.0, metadata=_meta(
+        "On SIGTERM: time given to in-flight calls before the server stops."))
+    log_level: str = field(default="INFO", metadata=_meta("Log level of the gate's JSON logs."))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``GATE_*`` variables, then explicit overrides (e.g. flags); validate."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"GATE_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw, f.default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, with a message saying which and why."""
+        problems: list[str] = []
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            problems.append("listen must be host:port")
+        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            problems.append("redis_url must start with redis://, rediss:// or unix://")
+        if self.workers < 1:
+            problems.append("workers must be >= 1")
+        if not 1.0 <= self.budget_ms <= 10_000:
+            problems.append("budget_ms must be within 1..10000")
+        if self.score_reserve_ms < 0 or self.score_reserve_ms >= self.budget_ms:
+            problems.append("score_reserve_ms must be >= 0 and below budget_ms")
+        if self.deadline_margin_ms < 0:
+            problems.append("deadline_margin_ms must be >= 0")
+        if self.redis_connect_timeout_ms <= 0:
+            problems.append("redis_connect_timeout_ms must be > 0")
+        if len(self.id_hash_key) < 16:
+            problems.append("id_hash_key must be at least 16 characters")
+        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
+            problems.append("key_prefix must be non-empty and contain no braces")
+        if self.replay_ttl_s < 60:
+            problems.append("replay_ttl_s must be >= 60")
+        if self.max_concurrency < 1 or self.max_events_per_call < 1:
+            problems.append("max_concurrency and max_events_per_call must be >= 1")
+        if self.max_message_bytes < 1024:
+            problems.append("max_message_bytes must be >= 1024")
+        if self.degraded_approve_below_minor < 0:
+            problems.append("degraded_approve_below_minor must be >= 0")
+        if problems:
+            raise SettingsError("invalid settings: " + "; ".join(problems))
+
+    def describe(self) -> dict[str, Any]:
+        """Effective settings for the start-up log, secrets masked."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret"):
+                value = _mask(f.name, value)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed, validated."""
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    @property
+    def uses_dev_key(self) -> bool:
+        """True when ids are hashed with the public dev key."""
+        return self.id_hash_key == DEV_ID_KEY
+
+
+def _mask(name: str, value: Any) -> str:
+    if name == "redis_url":
+        parts = urlsplit(str(value))
+        if parts.password:
+            return str(value).replace(f":{parts.password}@", ":***@")
+        return str(value)
+    return "dev-default" if value == DEV_ID_KEY else "***"
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise SettingsError(f"GATE_{name.upper()}: cannot parse {raw!r}") from None
+
+
+def settings_fields() -> list[dataclasses.Field[Any]]:
+    """The settings fields, for building command-line flags from one definition."""
+    return list(fields(Settings))

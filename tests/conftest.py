@@ -1,0 +1,136 @@
+"""Fixtures that start real parts: a redis-server per session, a model bundle, a gRPC gate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import lightgbm as lgb
+import numpy as np
+import pytest
+import pytest_asyncio
+import redis
+
+from gate.bundle import Bundle, load_bundle
+from gate.devredis import RedisProcess, start_redis
+from gate.features import FEATURE_INDEX, FEATURE_NAMES
+from gate.server import Gate, create_gate
+from gate.settings import Settings
+from model.package import golden_rows, write_bundle
+from refundgate.v1 import refund_gate_pb2 as pb
+from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="session")
+def redis_proc() -> Iterator[RedisProcess]:
+    """One redis-server for the session, on a free port, stopped at the end."""
+    proc = start_redis()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def rdb(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
+    """A redis-py client on an empty database."""
+    client = redis_proc.client()
+    client.flushall()
+    client.config_resetstat()
+    yield client
+    client.close()
+
+
+def synthetic_training_set(n: int = 6000, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose label depends on a few velocity and request features, NaNs included."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, len(FEATURE_NAMES)))
+    X[rng.random(X.shape) < 0.1] = np.nan
+    inr = rng.random(n) < 0.2
+    X[:, FEATURE_INDEX["not_received_but_delivered"]] = inr
+    refunds = rng.poisson(1.0, n).astype(float)
+    X[:, FEATURE_INDEX["acct_refunds_24h"]] = refunds
+    X[:, FEATURE_INDEX["refund_order_ratio"]] = rng.uniform(0.1, 1.0, n)
+    logit = -4 + 2.5 * inr + 1.2 * refunds
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    return X, y
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small but real bundle (compiled too) built by the model owners' packaging code."""
+    X, y = synthetic_training_set()
+    params = {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "verbosity": -1,
+              "seed": 1, "deterministic": True, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
+                        num_boost_round=40)
+    out = tmp_path_factory.mktemp("bundles") / "test-model"
+    return write_bundle(out, booster, version="test-model-1",
+                        thresholds={"hold": 0.5, "reject": 0.9},
+                        golden_X=golden_rows(X, 50, seed=1), metrics={}, card={})
+
+
+@pytest.fixture(scope="session")
+def bundle(bundle_dir: Path) -> Bundle:
+    """The test bundle, loaded and verified."""
+    return load_bundle(bundle_dir)
+
+
+@dataclass
+class RunningGate:
+    """A started gate with a channel and stub to call it over a real socket."""
+
+    gate: Gate
+    channel: grpc.aio.Channel
+    stub: pb_grpc.RefundGateStub
+    settings: Settings
+
+
+async def start_gate(settings: Settings, bundle: Bundle | None) -> RunningGate:
+    """Start a gate on a free port and wait until it reports SERVING (or a bounded time)."""
+    gate = create_gate(settings, bundle)
+    await gate.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gate.port}")
+    return RunningGate(gate, channel, pb_grpc.RefundGateStub(channel), settings)
+
+
+async def stop_gate(running: RunningGate) -> None:
+    """Close the channel and stop the gate."""
+    await running.channel.close()
+    await running.gate.stop(0.5)
+
+
+@pytest_asyncio.fixture
+async def gate(redis_proc: RedisProcess, rdb: redis.Redis, bundle: Bundle
+               ) -> AsyncIterator[RunningGate]:
+    """A gate on an empty Redis, serving the test bundle, trusting client time."""
+    settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                 allow_client_time=True)
+    running = await start_gate(settings, bundle)
+    yield running
+    await stop_gate(running)
+
+
+NOW = time.time()
+
+
+def make_request(**overrides: object) -> pb.CheckRequest:
+    """A valid CheckRequest (the same one on every call); keyword arguments replace fields."""
+    now = NOW
+    req = pb.CheckRequest(
+        refund_id="rf:1", account_id="acct:1", order_id="ord:1", merchant_id="m:1",
+        amount_minor=2500, order_amount_minor=5000, currency="EUR",
+        reason=pb.REFUND_REASON_DAMAGED, item_category=pb.ITEM_CATEGORY_PHYSICAL,
+        delivery_status=pb.DELIVERY_STATUS_DELIVERED, item_returned=True,
+        payment_method=pb.PAYMENT_METHOD_CARD, device_id="dev:1", ip="203.0.113.7",
+        geo_city="BER",
+    )
+    req.order_created_at.FromNanoseconds(int((now - 3 * 86400) * 1e9))
+    req.account_created_at.FromNanoseconds(int((now - 400 * 86400) * 1e9))
+    for key, value in overrides.items():
+        if key in ("order_created_at", "account_created_at", "requested_at"):
+            getattr(req, key).FromNanoseconds(int(float(value) * 1e9))  # type: ignore[arg-type]
+        else:
+            setattr(req, key, value)
+    return req
