@@ -13,8 +13,8 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,8 @@ def _enum(enum: Any, prefix: str, value: str) -> int:
     try:
         return int(enum.Value(name))
     except ValueError:
-        raise SystemExit(f"refund-gate: unknown value {value!r}; one of "
-                         + ", ".join(n.removeprefix(prefix) for n in enum.keys())) from None
+        names = (v.name.removeprefix(prefix) for v in enum.DESCRIPTOR.values)
+        raise SystemExit(f"refund-gate: unknown value {value!r}; one of {', '.join(names)}") from None
 
 
 def build_check_request(args: argparse.Namespace) -> pb.CheckRequest:
@@ -241,3 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

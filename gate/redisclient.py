@@ -229,9 +229,9 @@ class RedisConnection:
             return
         future.set_exception(RedisTimeout("redis reply timed out"))
         proto = self._proto
-        if proto is not None and proto.pending:
-            if time.monotonic() - proto.pending[0].sent_at > self.stall_s:
-                self._abort("redis stalled")
+        if (proto is not None and proto.pending
+                and time.monotonic() - proto.pending[0].sent_at > self.stall_s):
+            self._abort("redis stalled")
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -133,7 +133,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self._in_flight: dict[str, _InFlight] = {}
         self._active = 0
 
-    async def Check(  # noqa: N802 (gRPC method name)
+    async def Check(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckResponse:
         """One refund request, one decision; see the module docstring for the path."""
@@ -268,7 +268,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             return response
         return None
 
-    async def RecordEvents(  # noqa: N802 (gRPC method name)
+    async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEventsResponse:
         """Count order and outcome events; all or nothing, a repeated event_id counts once."""

@@ -156,9 +156,9 @@ def validate_check(
     requested_at = c.client_time("requested_at", req, now_s, allow_client_time, skew_s)
     if not req.HasField("order_created_at"):
         c.bad("order_created_at", "is required")
-    elif c.timestamp("order_created_at", req.order_created_at):
-        if _ts_seconds(req.order_created_at) > requested_at:
-            c.bad("order_created_at", "must not be after requested_at")
+    elif (c.timestamp("order_created_at", req.order_created_at)
+          and _ts_seconds(req.order_created_at) > requested_at):
+        c.bad("order_created_at", "must not be after requested_at")
     if req.HasField("account_created_at") and c.timestamp(
         "account_created_at", req.account_created_at
     ) and _ts_seconds(req.account_created_at) > requested_at:

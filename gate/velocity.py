@@ -32,7 +32,7 @@ from typing import Any
 
 import hiredis
 
-from gate.features import F_BNPL, Source
+from gate.features import Source
 from gate.redisclient import Command, RedisConnection, RedisReplyError
 from refundgate.v1 import refund_gate_pb2 as pb
 

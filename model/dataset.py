@@ -73,7 +73,7 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
         rows[slot] = row
 
     n = 0
-    for n, rec in enumerate(records, 1):  # noqa: B007 (n is the count after the loop)
+    for n, rec in enumerate(records, 1):
         if rec.event is not None:
             events.append(rec.event)
             if len(events) >= 200:

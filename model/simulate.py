@@ -129,7 +129,7 @@ class SimConfig:
     lost_claim_rate: float = 0.85
     late_claim_rate: float = 0.35
     # Share of delivered parcels stolen from the doorstep (honest claim on a DELIVERED order).
-    stolen_parcel_rate: float = 0.004
+    stolen_parcel_rate: float = 0.003
     # Share of ordinary orders placed at the one big merchant.
     big_merchant_share: float = 0.1
     # Households sharing one device and IP, and their size.
@@ -144,9 +144,10 @@ class SimConfig:
     # --- Outcomes (REFUND_OUTCOME events) ---
     # Share of legit refunds approved on review (the rest are PAID).
     legit_review_share: float = 0.15
-    # Share of abusive refunds later confirmed as abuse, and charged back (card, wallet, BNPL);
-    # the rest are PAID: undetected abuse.
-    abuse_confirmed_rate: float = 0.35
+    # Share of abusive refunds rejected on review (days), confirmed as abuse (weeks), and
+    # charged back (card, wallet, BNPL; one to seven weeks); the rest are PAID: undetected.
+    abuse_rejected_rate: float = 0.1
+    abuse_confirmed_rate: float = 0.3
     abuse_chargeback_rate: float = 0.15
     # Share of refunds whose outcome never reaches the feed.
     outcome_missing_rate: float = 0.04
@@ -265,7 +266,7 @@ _CHARGEABLE = frozenset({pb.PAYMENT_METHOD_CARD, pb.PAYMENT_METHOD_WALLET, pb.PA
 # Merchant main category: physical 75 %, digital 12 %, service 13 %.
 _MERCHANT_CATEGORIES = ((_PHYSICAL, 75), (_DIGITAL, 12), (_SERVICE, 13))
 # Refund propensity by category, indexed by ItemCategory number.
-_CATEGORY_REFUND_FACTOR = (0.0, 1.0, 0.25, 0.6)
+_CATEGORY_REFUND_FACTOR = (0.0, 1.0, 0.4, 0.6)
 # Gift card / game currency face values in whole units: what people buy, what rings cash out.
 _GIFT_CARDS = (5, 10, 15, 20, 25, 25, 50, 50, 100, 150)
 _CASHOUT_CARDS = (25, 50, 50, 100, 100, 150, 200)
@@ -424,8 +425,10 @@ class _World:
         return self.daytime(self.now + self.rng.expovariate(orders_per_week / WEEK))
 
     def aged_created(self) -> int:
-        """Creation time of an established account (median about a year before the window)."""
-        return self.start - int(DAY * max(1.0, self.rng.lognormvariate(math.log(400), 1.1)))
+        """Creation time of an established account: median about a year before the window,
+        at most about 16 years."""
+        days = min(6_000.0, max(1.0, self.rng.lognormvariate(math.log(400), 1.1)))
+        return self.start - int(days * DAY)
 
     def price(self, category: int) -> int:
         """An order amount in minor units for the category."""
@@ -476,7 +479,7 @@ class _World:
         weights = [1.0 / rank**0.9 for rank in range(1, len(regular) + 1)]
         r.shuffle(weights)
         self.big_merchant = self._merchant(_PHYSICAL)
-        self.big_merchant.tracked = True
+        self.big_merchant.tracked, self.big_merchant.refund_mult = True, 1.0
         big_weight = sum(weights) * cfg.big_merchant_share / (1 - cfg.big_merchant_share)
         # Colluding digital shops: ordinary-looking, with a mid-table share of legit sales.
         self.cashout_shops = [self._merchant(_DIGITAL) for _ in range(cfg.cashout_rings)]
@@ -647,21 +650,23 @@ class _World:
                           label: int) -> None:
         """Decide what the back office will report about the refund, and when."""
         cfg, r = self.cfg, self.rng
-        u = r.random()
-        if u < cfg.outcome_missing_rate:
+        if r.random() < cfg.outcome_missing_rate:
             return
         u = r.random()
-        if label == 0:
-            if u < cfg.legit_review_share:
-                outcome, delay = pb.REFUND_OUTCOME_REVIEW_APPROVED, r.uniform(2, 7) * DAY
-            else:
-                outcome, delay = pb.REFUND_OUTCOME_PAID, r.uniform(0.5, 3) * DAY
-        elif u < cfg.abuse_confirmed_rate:
+        rejected = cfg.abuse_rejected_rate
+        confirmed = rejected + cfg.abuse_confirmed_rate
+        charged_back = confirmed + cfg.abuse_chargeback_rate
+        if label == 0 and u < cfg.legit_review_share:
+            outcome, delay = pb.REFUND_OUTCOME_REVIEW_APPROVED, r.uniform(2, 7) * DAY
+        elif label == 0:
+            outcome, delay = pb.REFUND_OUTCOME_PAID, r.uniform(0.5, 3) * DAY
+        elif u < rejected:
+            outcome, delay = pb.REFUND_OUTCOME_REVIEW_REJECTED, r.uniform(1, 5) * DAY
+        elif u < confirmed:
             outcome, delay = pb.REFUND_OUTCOME_CONFIRMED_ABUSE, r.uniform(4, 25) * DAY
-        elif (u < cfg.abuse_confirmed_rate + cfg.abuse_chargeback_rate
-              and order.payment in _CHARGEABLE):
+        elif u < charged_back and order.payment in _CHARGEABLE:
             outcome, delay = pb.REFUND_OUTCOME_CHARGEBACK, r.uniform(15, 50) * DAY
-        else:
+        else:  # undetected
             outcome, delay = pb.REFUND_OUTCOME_PAID, r.uniform(0.5, 3) * DAY
         self.at(self.now + delay, _report_outcome, order, refund_id, refund, outcome)
 

@@ -1,0 +1,102 @@
+"""The user's door, as real processes: serve, check, blocklist, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gate.devredis import RedisProcess, free_port
+
+CLI = [sys.executable, "-m", "gate.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def wait_serving(target: str, timeout_s: float = 20.0) -> None:
+    """Block on the health Watch stream until SERVING (bounded by the call deadline)."""
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        stub = health_pb2_grpc.HealthStub(channel)
+        for update in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s):
+            if update.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    raise AssertionError("gate never reported SERVING")
+
+
+@pytest.fixture
+def served(redis_proc: RedisProcess, bundle_dir: Path, rdb: object) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--model-dir", str(bundle_dir),
+         "--redis-url", redis_proc.url, "--grace-s", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target)
+        yield target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        logs = proc.stderr.read() if proc.stderr else ""
+        assert code == 0, logs
+        lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+        messages = [line["message"] for line in lines]
+        assert "settings" in messages and "shutting down" in messages
+        assert all("Traceback" not in line for line in logs.splitlines())
+
+
+def test_check_one_liner_prints_a_decision(served: str) -> None:
+    out = run_cli("check", "--target", served, "--account-id", "acct:1", "--order-id", "ord:1",
+                  "--merchant-id", "m:1", "--amount", "1999", "--reason", "ITEM_NOT_RECEIVED")
+    assert out.returncode == 0, out.stderr
+    resp = json.loads(out.stdout)
+    assert resp["decision"] in ("DECISION_APPROVE", "DECISION_HOLD_FOR_REVIEW",
+                                "DECISION_REJECT")
+    assert resp["model_version"] == "test-model-1"
+
+
+def test_check_from_json_reports_bad_fields(served: str) -> None:
+    body = json.dumps({"refund_id": "rf:1", "account_id": "a", "order_id": "o",
+                       "merchant_id": "m", "amount_minor": "-5", "order_amount_minor": "500",
+                       "currency": "EURO"})
+    out = run_cli("check", "--target", served, "--json", body)
+    assert out.returncode == 1
+    err = json.loads(out.stdout)
+    assert err["code"] == "INVALID_ARGUMENT"
+    assert {v["field"] for v in err["field_violations"]} == {"amount_minor", "currency"}
+
+
+def test_blocklist_round_trip(redis_proc: RedisProcess, rdb: object) -> None:
+    env = {"GATE_REDIS_URL": redis_proc.url}
+    assert run_cli("blocklist", "add", "--account", "acct:9", "--note", "fraud ring",
+                   env=env).returncode == 0
+    shown = json.loads(run_cli("blocklist", "show", "--account", "acct:9", env=env).stdout)
+    assert shown["kind"] == "account" and shown["note"] == "fraud ring"
+    listed = run_cli("blocklist", "list", env=env).stdout
+    assert "acct:9" not in listed and shown["id_hash"] in listed
+    assert "unblocked" in run_cli("blocklist", "remove", "--account", "acct:9", env=env).stdout
+    assert json.loads(run_cli("blocklist", "show", "--account", "acct:9", env=env).stdout) is None
+
+
+def test_serve_refuses_a_bad_bundle_loudly(tmp_path: Path, redis_proc: RedisProcess) -> None:
+    out = run_cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--model-dir",
+                  str(tmp_path), "--redis-url", redis_proc.url)
+    assert out.returncode == 2
+    assert "model bundle refused" in out.stderr and "no manifest.json" in out.stderr
+
+
+def test_serve_refuses_bad_settings() -> None:
+    out = run_cli("serve", "--budget-ms", "0")
+    assert out.returncode == 2 and "budget_ms" in out.stderr

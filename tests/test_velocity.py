@@ -1,0 +1,193 @@
+"""The velocity store against a real redis-server: windows, dedup, TTLs, trimming, hashing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis
+
+from gate.devredis import RedisProcess
+from gate.features import F_DIGITAL_QUICK, F_INR
+from gate.redisclient import RedisAddress, RedisConnection
+from gate.velocity import LOAD_SCRIPTS, IdHasher, RefundFacts, Status, VelocityStore
+from refundgate.v1 import refund_gate_pb2 as pb
+from tests.conftest import NOW, make_request
+
+HOUR = 3600.0
+DAY = 86400.0
+
+
+@pytest_asyncio.fixture
+async def store(redis_proc: RedisProcess, rdb: redis.Redis) -> AsyncIterator[VelocityStore]:
+    conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS)
+    await conn.connect()
+    yield VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20), replay_ttl_s=3600)
+    await conn.close()
+
+
+def facts(store: VelocityStore, at: float = NOW, flags: int = 0, **kw: Any) -> RefundFacts:
+    return store.refund_facts(make_request(**kw), at, flags)
+
+
+async def read(store: VelocityStore, f: RefundFacts) -> dict[str, dict[str, int]]:
+    result = await store.record_and_read(f, 2.0)
+    assert result.complete
+    return {k: v for k, v in result.counters.items() if v is not None}
+
+
+async def test_one_round_trip_per_check(store: VelocityStore, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    batches: list[int] = []
+    real_call = store.conn.call
+
+    async def counting_call(commands: Any, timeout_s: float) -> list[Any]:
+        batches.append(len(commands))
+        return await real_call(commands, timeout_s)
+
+    monkeypatch.setattr(store.conn, "call", counting_call)
+    await store.record_and_read(facts(store), 2.0)
+    assert batches == [5]  # GET stored answer + account, device, IP, merchant scripts
+
+
+async def test_windows_slide_with_request_time(store: VelocityStore) -> None:
+    for i, age in enumerate((40 * DAY, 8 * DAY, 2 * DAY, 3 * HOUR, 30 * 60)):
+        await read(store, facts(store, at=NOW - age, refund_id=f"rf:{i}", order_id=f"o:{i}"))
+    c = await read(store, facts(store, refund_id="rf:now", order_id="o:now"))
+    assert [c["account"][k] for k in ("refunds_1h", "refunds_24h", "refunds_7d", "refunds_30d")
+            ] == [2, 3, 4, 5]
+    assert [c["merchant"][k] for k in ("refunds_1h", "refunds_24h", "refunds_7d")] == [2, 3, 4]
+    assert [c["device"][k] for k in ("refunds_1h", "refunds_24h")] == [2, 3]
+
+
+async def test_flags_amounts_pair_and_order(store: VelocityStore) -> None:
+    await read(store, facts(store, flags=F_INR, refund_id="rf:1", amount_minor=1000))
+    await read(store, facts(store, flags=F_DIGITAL_QUICK, refund_id="rf:2", amount_minor=700,
+                            merchant_id="m:other"))
+    c = await read(store, facts(store, flags=F_INR, refund_id="rf:3", amount_minor=300))
+    acct = c["account"]
+    assert (acct["inr_30d"], acct["digital_quick_7d"], acct["amount_30d"]) == (2, 1, 2000)
+    assert acct["pair_refunds_30d"] == 2  # rf:2 was at another merchant
+    assert (acct["order_refunds"], acct["order_amount"]) == (3, 2000)
+
+
+async def test_distinct_ips_cities_devices_and_accounts(store: VelocityStore) -> None:
+    for i, (ip, city) in enumerate((("198.51.100.1", "BER"), ("198.51.100.2", "PAR"),
+                                    ("198.51.100.1", "BER"))):
+        await read(store, facts(store, refund_id=f"rf:{i}", ip=ip, geo_city=city,
+                                account_id="acct:hop"))
+    for i in range(3):
+        await read(store, facts(store, refund_id=f"rf:d{i}", account_id=f"acct:{i}",
+                                device_id="dev:shared"))
+    c = await read(store, facts(store, refund_id="rf:last", account_id="acct:hop",
+                                ip="2001:db8::1", geo_city="ROM", device_id="dev:shared"))
+    assert (c["account"]["ips_24h"], c["account"]["cities_24h"]) == (3, 3)
+    assert c["account"]["devices_30d"] == 2  # dev:1 and dev:shared
+    assert c["device"]["accounts_24h"] == 4  # acct:0..2 and acct:hop
+
+
+async def test_retry_counts_once_and_returns_the_same_windows(store: VelocityStore) -> None:
+    f = facts(store)
+    first = await store.record_and_read(f, 2.0)
+    again = await store.record_and_read(f, 2.0)
+    assert first.status == Status.COUNTED and again.status == Status.DUPLICATE
+    assert first.counted == ["account", "device", "ip", "merchant"] and again.counted == []
+    assert again.counters == first.counters
+
+
+async def test_racing_duplicates_on_many_connections_count_once(
+    store: VelocityStore, redis_proc: RedisProcess
+) -> None:
+    stores = []
+    for _ in range(5):
+        conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS)
+        await conn.connect()
+        stores.append(VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20),
+                                    replay_ttl_s=3600))
+    try:
+        f = facts(store)
+        results = await asyncio.gather(*(stores[i % 5].record_and_read(f, 2.0)
+                                         for i in range(50)))
+    finally:
+        for s in stores:
+            await s.conn.close()
+    assert sum(r.status == Status.COUNTED for r in results) == 1
+    c = await read(store, facts(store, refund_id="rf:probe", order_id="o:p"))
+    assert all(c[s]["refunds_24h"] == 2 for s in ("account", "device", "ip", "merchant"))
+
+
+async def test_reused_refund_id_with_other_content_conflicts_and_writes_nothing(
+    store: VelocityStore, rdb: redis.Redis
+) -> None:
+    await store.record_and_read(facts(store), 2.0)
+    before = rdb.zrange(b"rg:{a:" + store.hash("a", "acct:1").encode() + b"}", 0, -1)
+    result = await store.record_and_read(facts(store, amount_minor=1), 2.0)
+    assert result.status == Status.CONFLICT and result.counters["account"] is None
+    after = rdb.zrange(b"rg:{a:" + store.hash("a", "acct:1").encode() + b"}", 0, -1)
+    assert before == after
+
+
+async def test_every_key_expires_and_ids_are_hashed(store: VelocityStore, rdb: redis.Redis
+                                                    ) -> None:
+    await read(store, facts(store, account_id="acct:SECRET", device_id="dev:SECRET",
+                            merchant_id="m:SECRET", order_id="ord:SECRET"))
+    ev = pb.Event(event_id="ev:SECRET", type=pb.EVENT_TYPE_ORDER_PLACED,
+                  account_id="acct:SECRET", merchant_id="m:SECRET", order_id="ord:SECRET",
+                  amount_minor=100, currency="EUR", item_category=pb.ITEM_CATEGORY_PHYSICAL,
+                  payment_method=pb.PAYMENT_METHOD_CARD, device_id="dev:SECRET", ip="192.0.2.9")
+    await store.record_events([ev], [NOW], 2.0)
+    store.store_reply(store.hash("r", "rf:1"), b"payload")
+    await store.conn.call([("PING",)], 2.0)
+    keys = rdb.keys("*")
+    assert len(keys) >= 10
+    for key in keys:
+        assert rdb.pttl(key) > 0, key
+        assert b"SECRET" not in key and b"203.0.113.7" not in key
+        if rdb.type(key) == b"zset":
+            assert not any(b"SECRET" in m for m in rdb.zrange(key, 0, -1))
+
+
+async def test_old_entries_are_trimmed_by_time(store: VelocityStore, rdb: redis.Redis) -> None:
+    await read(store, facts(store, at=NOW - 100 * DAY, refund_id="rf:old"))
+    await read(store, facts(store, refund_id="rf:new", order_id="o:2"))
+    account_key = "rg:{a:" + store.hash("a", "acct:1") + "}"
+    device_key = "rg:{d:" + store.hash("d", "dev:1") + "}:r"
+    members = rdb.zrange(account_key, 0, -1)
+    assert len([m for m in members if m.startswith(b"R|")]) == 1
+    assert rdb.zcard(device_key) == 1
+
+
+async def test_account_set_is_capped(store: VelocityStore, rdb: redis.Redis) -> None:
+    await asyncio.gather(*(store.record_and_read(
+        facts(store, at=NOW - i, refund_id=f"rf:{i}", order_id=f"o:{i}", device_id="", ip="",
+              geo_city=""), 5.0) for i in range(2100)))
+    assert rdb.zcard("rg:{a:" + store.hash("a", "acct:1") + "}") == 2000
+
+
+async def test_events_feed_orders_deliveries_and_outcomes(store: VelocityStore) -> None:
+    def ev(**kw: Any) -> pb.Event:
+        return pb.Event(account_id="acct:1", merchant_id="m:1", order_id="ord:1", **kw)
+
+    events = [ev(event_id="e1", type=pb.EVENT_TYPE_ORDER_PLACED, amount_minor=5000,
+                 currency="EUR", payment_method=pb.PAYMENT_METHOD_BNPL),
+              ev(event_id="e2", type=pb.EVENT_TYPE_ORDER_DELIVERED),
+              ev(event_id="e3", type=pb.EVENT_TYPE_REFUND_OUTCOME, refund_id="rf:0",
+                 outcome=pb.REFUND_OUTCOME_CONFIRMED_ABUSE),
+              ev(event_id="e4", type=pb.EVENT_TYPE_REFUND_OUTCOME, refund_id="rf:0",
+                 outcome=pb.REFUND_OUTCOME_PAID)]
+    assert await store.record_events(events, [NOW - 60] * 4, 2.0) == [Status.COUNTED] * 4
+    assert await store.record_events(events, [NOW - 60] * 4, 2.0) == [Status.DUPLICATE] * 4
+    c = await read(store, facts(store))
+    assert (c["account"]["orders_30d"], c["account"]["pair_orders_30d"]) == (1, 1)
+    assert (c["account"]["order_delivered"], c["account"]["abuse_90d"]) == (1, 1)
+    assert (c["merchant"]["orders_7d"], c["merchant"]["bnpl_orders_7d"]) == (1, 1)
+
+
+async def test_scripts_are_reloaded_after_script_flush(store: VelocityStore,
+                                                       rdb: redis.Redis) -> None:
+    rdb.script_flush()
+    result = await store.record_and_read(facts(store), 2.0)
+    assert result.complete and result.status == Status.COUNTED
