@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import redis
 
@@ -83,7 +84,8 @@ class Blocklist:
     def list(self) -> list[Entry]:
         """Every live entry; index members whose entry expired are dropped on the way."""
         out: list[Entry] = []
-        for member in self.client.zrange(self.keys.blocklist_index, 0, -1):
+        members = cast(list[bytes], self.client.zrange(self.keys.blocklist_index, 0, -1))
+        for member in members:
             code, _, h = member.decode().partition(":")
             raw = self.client.get(self.keys.blocklist(code, h))
             if raw is None:

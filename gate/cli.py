@@ -197,8 +197,8 @@ def cmd_blocklist(args: argparse.Namespace) -> int:
         elif args.action == "remove":
             print(f"{'unblocked' if book.remove(kind, value) else 'was not blocked'}: {kind}")
         else:
-            entry = book.show(kind, value)
-            print(json.dumps(asdict(entry) if entry else None))
+            found = book.show(kind, value)
+            print(json.dumps(asdict(found) if found else None))
     return 0
 
 

@@ -207,7 +207,7 @@ class RedisConnection:
         future: asyncio.Future[list[Any]] = loop.create_future()
         buf = self._buffer
         for cmd in commands:
-            buf.append(hiredis.pack_command(tuple(cmd)))
+            buf.append(hiredis.pack_command(tuple(cmd)))  # type: ignore[arg-type]
         proto.pending.append(_Batch(future, len(commands), time.monotonic()))
         if not self._flush_scheduled:
             self._flush_scheduled = True

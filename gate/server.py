@@ -47,6 +47,7 @@ def _guard(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            raise AssertionError("unreachable: abort raises") from None
 
     guarded.__name__ = method.__name__
     return guarded
@@ -112,8 +113,8 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
                           hasher=IdHasher(settings.id_hash_key), replay_ttl_s=settings.replay_ttl_s)
     models = ModelHolder(bundle)
     service = RefundGateService(settings, store, models)
-    service.Check = _guard(service.Check)  # type: ignore[method-assign]
-    service.RecordEvents = _guard(service.RecordEvents)  # type: ignore[method-assign]
+    service.Check = _guard(service.Check)  # type: ignore[method-assign,assignment]
+    service.RecordEvents = _guard(service.RecordEvents)  # type: ignore[method-assign,assignment]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -138,7 +139,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
     ) -> pb.CheckResponse:
         """One refund request, one decision; see the module docstring for the path."""
         if self._active >= self.settings.max_concurrency:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "gate overloaded, retry later")
+            await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "gate overloaded, retry later")
         self._active += 1
         try:
             return await self._check(request, context)
@@ -157,7 +158,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             await context.abort_with_status(bad_request_status(err))
         bundle = self.models.bundle
         if bundle is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no valid model loaded")
+            await _fail(context, grpc.StatusCode.UNAVAILABLE, "no valid model loaded")
 
         rf, facts = prepare(self.store, request, at_s)
         fp = fingerprint(request)
@@ -165,7 +166,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         waiting = self._in_flight.get(facts.refund)
         if waiting is not None:
             if waiting.fingerprint != fp:
-                await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
                                     "refund_id was already used for a different request")
             shared = await self._await_shared(waiting, started, context)
             if shared is not None:
@@ -231,7 +232,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                 degraded=degraded,
             ),
             self.degraded_policy,
-            explain=lambda: model.contributions(model.last_leaves()),
+            explain=lambda: model.contributions(model.last_leaves()).tolist(),
         )
         status = velocity.status if velocity is not None else None
         response = pb.CheckResponse(
@@ -260,7 +261,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                 task = asyncio.get_running_loop().create_task(
                     self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S))
                 task.add_done_callback(_log_failure)
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+            await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
                                 "refund_id was already used for a different request")
         if stored is not None:
             response = stored[1]
@@ -286,10 +287,16 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         try:
             statuses = await self.store.record_events(request.events, times, max(timeout, 0.001))
         except RedisError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
+            await _fail(context, grpc.StatusCode.UNAVAILABLE,
                                 "velocity store unavailable; retry, events are idempotent")
         accepted = sum(1 for st in statuses if st == Status.COUNTED)
         return pb.RecordEventsResponse(accepted=accepted, duplicates=len(statuses) - accepted)
+
+
+async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Abort the call with a deliberate status (``abort`` raises; this tells the type checker)."""
+    await context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
 
 
 def _decision_id(refund_hash: str, status: Status | None) -> str:

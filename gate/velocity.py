@@ -199,13 +199,14 @@ class VelocityStore:
             flags=flags,
         )
 
-    def _check_commands(self, f: RefundFacts, op: str = "r") -> list[tuple[str, Command]]:
+    def _check_commands(self, f: RefundFacts, op: str = "r") -> list[tuple[Source, Command]]:
         k = self.keys
         acct, acct_bl = k.account(f.account)
-        cmds: list[tuple[str, Command]] = [("account", (
+        cmds: list[tuple[Source, Command]] = [("account", (
             "EVALSHA", ACCOUNT_SCRIPT.sha, 2, acct, acct_bl, op, f.at_ms, f.refund, f.amount,
             f.flags, f.merchant, f.order, f.ip, f.city, f.device))]
-        for source, h in (("device", f.device), ("ip", f.ip)):
+        entities: tuple[tuple[Source, str], ...] = (("device", f.device), ("ip", f.ip))
+        for source, h in entities:
             if h:
                 ka, kr, kbl = k.entity(source[0], h)
                 cmds.append((source, ("EVALSHA", ENTITY_SCRIPT.sha, 3, ka, kr, kbl, op, f.at_ms,
