@@ -45,13 +45,13 @@ class EchoService(pb_grpc.RefundGateServicer):
     def __init__(self) -> None:
         self._response = fixed_response()
 
-    async def Check(  # noqa: N802 (gRPC method name)
+    async def Check(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckResponse:
         """Answer the fixed response."""
         return self._response
 
-    async def RecordEvents(  # noqa: N802 (gRPC method name)
+    async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEventsResponse:
         """Accept every event."""

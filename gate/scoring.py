@@ -26,7 +26,7 @@ import logging
 import math
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -57,9 +57,7 @@ _SELF_CHECK_ROWS = 128
 _log = logging.getLogger(__name__)
 
 
-def load_model(
-    model_txt: Path, compiled_so: Path | None = None, *, feature_names: Sequence[str]
-) -> Model:
+def load_model(model_txt: Path, compiled_so: Path | None = None, *, feature_names: Sequence[str]) -> Model:
     """Load ``model_txt`` for scoring rows laid out as ``feature_names``.
 
     Uses the compiled engine when ``compiled_so`` loads and matches this model, otherwise
@@ -68,7 +66,7 @@ def load_model(
     ``feature_names`` in that order: a silently misaligned row would score garbage.
     """
     data = model_txt.read_bytes()
-    tree_model = parse_model(data.decode("utf-8"))
+    tree_model = parse_model(data)
     _check_feature_names(tree_model.feature_names, tuple(feature_names))
     try:
         booster = lightgbm.Booster(model_str=data.decode("utf-8"))
@@ -211,8 +209,7 @@ class Model:
         rows = np.asarray(rows, dtype=np.float64)
         if rows.ndim != 2 or rows.shape[1] != self._num_features:
             raise ValueError(f"rows must have shape (n, {self._num_features}), got {rows.shape}")
-        result: np.ndarray = self._booster.predict(rows)
-        return result
+        return np.asarray(self._booster.predict(rows), dtype=np.float64)
 
 
 _StateT = TypeVar("_StateT")
@@ -246,7 +243,7 @@ class _CompiledState:
 class _CompiledEngine:
     name = ENGINE_COMPILED
 
-    def __init__(self, predict: ctypes._CFuncPtr, tree_model: TreeModel) -> None:
+    def __init__(self, predict: Callable[..., int], tree_model: TreeModel) -> None:
         self._predict = predict
         self._sigmoid = tree_model.sigmoid
         self._num_features = tree_model.num_features
@@ -300,7 +297,7 @@ class _CompiledEngine:
             return 0.0
 
     def leaves(self, state: _CompiledState) -> np.ndarray:
-        return np.frombuffer(state.leaves, dtype=np.int32).copy()
+        return np.ctypeslib.as_array(state.leaves).copy()
 
 
 class _FastConfig:
@@ -361,12 +358,10 @@ class _LightGBMEngine:
 
     def leaves(self, state: _LightGBMState) -> np.ndarray:
         if state.fast_leaf is None:
-            state.fast_leaf = _FastConfig(
-                self._booster, _C_API_PREDICT_LEAF_INDEX, self._num_features
-            )
+            state.fast_leaf = _FastConfig(self._booster, _C_API_PREDICT_LEAF_INDEX, self._num_features)
         _safe_call(self._predict(state.fast_leaf.handle, state.row, state.out_len, state.leaf_out))
         # LightGBM reports leaf indices as doubles.
-        return np.frombuffer(state.leaf_out, dtype=np.float64).astype(np.int32)
+        return np.ctypeslib.as_array(state.leaf_out).astype(np.int32)
 
 
 def _check_feature_names(model_names: tuple[str, ...], expected: tuple[str, ...]) -> None:
@@ -420,19 +415,25 @@ def _saabas_table(tree_model: TreeModel) -> tuple[np.ndarray, np.ndarray, float]
 
 
 def _probe_rows(tree_model: TreeModel, count: int) -> np.ndarray:
-    """Rows that exercise every split's edge: thresholds and their neighbouring doubles,
-    NaN, signed zeros, values around LightGBM's zero threshold, infinities."""
-    specials = [
-        math.nan, 0.0, -0.0, math.inf, -math.inf, 1e-40, -1e-40,
-        ZERO_THRESHOLD, -ZERO_THRESHOLD, 1e308, -1e308,
-    ]  # fmt: skip
-    candidates: list[list[float]] = [list(specials) for _ in range(tree_model.num_features)]
+    """Rows that exercise every split's edge: each value is, with equal odds, a special
+    (NaN, signed zeros, values around LightGBM's zero threshold, infinities, extremes) or
+    a split threshold of that feature or one of its two neighbouring doubles."""
+    specials = np.array(
+        [math.nan, 0.0, -0.0, math.inf, -math.inf, 1e-40, -1e-40, ZERO_THRESHOLD, -ZERO_THRESHOLD, 1e308]
+    )
+    edges: list[list[float]] = [[] for _ in range(tree_model.num_features)]
     for tree in tree_model.trees:
         for feature, threshold in zip(tree.split_feature, tree.threshold, strict=True):
             below, above = math.nextafter(threshold, -math.inf), math.nextafter(threshold, math.inf)
-            candidates[feature].extend((below, threshold, above))
+            edges[feature].extend((below, threshold, above))
     rng = np.random.default_rng(0)
-    columns = [np.array(c)[rng.integers(len(c), size=count)] for c in candidates]
+    columns = []
+    for feature_edges in edges:
+        column = specials[rng.integers(len(specials), size=count)]
+        if feature_edges:
+            at_edge = rng.random(count) < 0.5
+            column[at_edge] = np.array(feature_edges)[rng.integers(len(feature_edges), size=at_edge.sum())]
+        columns.append(column)
     return np.column_stack(columns)
 
 
@@ -440,7 +441,7 @@ def _self_check(engine: _CompiledEngine, tree_model: TreeModel, booster: lightgb
     """Refuse a compiled engine that disagrees with LightGBM on edge-case probe rows."""
     probes = _probe_rows(tree_model, _SELF_CHECK_ROWS)
     expected = booster.predict(probes)
-    expected_leaves = booster.predict(probes, pred_leaf=True).reshape(len(probes), -1)
+    expected_leaves = np.asarray(booster.predict(probes, pred_leaf=True)).reshape(len(probes), -1)
     state = engine.new_state()
     for row, want, want_leaves in zip(probes, expected, expected_leaves, strict=True):
         state.row[:] = row.tolist()
@@ -449,6 +450,5 @@ def _self_check(engine: _CompiledEngine, tree_model: TreeModel, booster: lightgb
             engine.leaves(state), want_leaves
         ):
             raise _CompiledRefused(
-                f"self-check failed: scores {got!r} where LightGBM scores {want!r} "
-                f"for row {row.tolist()!r}"
+                f"self-check failed: scores {got!r} where LightGBM scores {want!r} for row {row.tolist()!r}"
             )

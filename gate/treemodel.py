@@ -93,14 +93,20 @@ class TreeModel:
 
 def load_tree_model(path: Path) -> TreeModel:
     """Read and parse a ``model.txt`` file (see `parse_model`)."""
-    return parse_model(path.read_text(encoding="utf-8"))
+    return parse_model(path.read_bytes())
 
 
-def parse_model(text: str) -> TreeModel:
-    """Parse LightGBM model text, refusing anything the exact scorers cannot reproduce.
+def parse_model(text: str | bytes) -> TreeModel:
+    """Parse LightGBM model text (or its UTF-8 bytes), refusing anything the exact
+    scorers cannot reproduce.
 
     Raises `ModelFormatError` naming the offending header key or tree.
     """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelFormatError("not a LightGBM text model: not UTF-8 text") from None
     lines = text.splitlines()
     if not lines or lines[0].strip() != "tree":
         raise ModelFormatError("not a LightGBM text model: first line is not 'tree'")
@@ -119,15 +125,12 @@ def parse_model(text: str) -> TreeModel:
     for key in ("num_class", "num_tree_per_iteration"):
         if _require(header, key, "header") != "1":
             raise ModelFormatError(f"{key}={header[key]}: only single-output models are supported")
-    if "average_output" in header:
-        raise ModelFormatError("average_output (random forest) models are not supported")
     sigmoid = _parse_objective(_require(header, "objective", "header"))
     max_feature_idx = _parse_int(_require(header, "max_feature_idx", "header"), "max_feature_idx")
     feature_names = tuple(_require(header, "feature_names", "header").split(" "))
     if len(feature_names) != max_feature_idx + 1:
         raise ModelFormatError(
-            f"feature_names lists {len(feature_names)} names but max_feature_idx is "
-            f"{max_feature_idx}"
+            f"feature_names lists {len(feature_names)} names but max_feature_idx is {max_feature_idx}"
         )
 
     if not tree_blocks:
@@ -141,8 +144,7 @@ def parse_model(text: str) -> TreeModel:
 
     if "tree_sizes" in header and len(header["tree_sizes"].split()) != len(trees):
         raise ModelFormatError(
-            f"tree_sizes lists {len(header['tree_sizes'].split())} trees but "
-            f"{len(trees)} were found"
+            f"tree_sizes lists {len(header['tree_sizes'].split())} trees but {len(trees)} were found"
         )
     return TreeModel(
         feature_names=feature_names,
@@ -160,6 +162,8 @@ def _split_blocks(lines: list[str]) -> list[tuple[int | None, dict[str, str]]]:
         if not line:
             continue
         key, sep, value = line.partition("=")
+        if line == "average_output":
+            raise ModelFormatError("average_output (random forest) models are not supported")
         if not sep:
             raise ModelFormatError(f"malformed model line {line[:60]!r}")
         if key == "Tree":

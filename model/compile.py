@@ -126,11 +126,11 @@ RG_EXPORT int rg_predict(const double* row, double* out_raw, int32_t* out_leaves
         if (fabs(v) <= RG_ZERO) v = 0.0; /* the C API drops these as sparse zeros */
         int missing = isnan(v), zero = v == 0.0;
         double* s = xv + 5 * f;
-        s[0] = missing ? 0.0 : v;
-        s[1] = missing ? -INFINITY : v;
-        s[2] = v;
-        s[3] = missing || zero ? -INFINITY : v;
-        s[4] = missing || zero ? NAN : v;
+        s[0] = missing ? 0.0 : v;               /* missing type None: NaN reads as 0.0 */
+        s[1] = missing ? -INFINITY : v;         /* NaN, default left */
+        s[2] = v;                               /* NaN, default right (NaN <= t is false) */
+        s[3] = missing || zero ? -INFINITY : v; /* Zero, default left */
+        s[4] = missing || zero ? NAN : v;       /* Zero, default right */
     }}
     for (int g = 0; g < RG_NUM_GROUPS; ++g) {{
         const uint16_t* trees = RG_SCHEDULE + g * RG_LANES;
@@ -168,7 +168,7 @@ def compile_model(model_txt: Path, out_so: Path) -> None:
     score exactly, and `RuntimeError` if gcc fails (see `build_shared_object`).
     """
     data = model_txt.read_bytes()
-    model = parse_model(data.decode("utf-8"))
+    model = parse_model(data)
     build_shared_object(generate_c(model, hashlib.sha256(data).hexdigest()), out_so)
 
 
@@ -212,7 +212,9 @@ def generate_c(model: TreeModel, model_sha256: str) -> str:
             raise ValueError(f"Tree={index} has too many leaves to compile")
         tree_root.append(len(nodes))
         tree_leaf_values.append(len(leaf_values))
-        nodes.extend(_node_literals(tree))
+        tree_nodes = _node_literals(tree)
+        tree_nodes[0] = f"/* Tree={index} */ {tree_nodes[0]}"
+        nodes.extend(tree_nodes)
         leaf_values.extend(tree.leaf_value)
         depths.append(_depth(tree))
 

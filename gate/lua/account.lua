@@ -21,7 +21,8 @@ local op = ARGV[1]
 local now = tonumber(ARGV[2])
 local HOUR, DAY = 3600000, 86400000
 local KEEP = 90 * DAY
-local CAP = 2000
+local CAP = 300 -- an account past this many entries in 90 days saturates every window anyway
+local SLACK = 3600000 -- trim at most once an hour: the check is cheap, the trim is not
 -- flag bits, shared with gate/velocity.py
 local F_INR, F_INR_DELIVERED, F_DIGITAL_QUICK, F_CM_UNRETURNED = 1, 2, 4, 8
 
@@ -29,12 +30,16 @@ local function seen(prefix, value, members)
   if value ~= '' then members[#members + 1] = now; members[#members + 1] = prefix .. value end
 end
 
-local function tidy(added)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - KEEP)
-  if added > 0 then
-    local n = redis.call('ZCARD', key)
-    if n > CAP then redis.call('ZREMRANGEBYRANK', key, 0, n - CAP - 1) end
+-- Bound the set after a write: drop entries past KEEP (once the oldest is an hour past it), cap
+-- the size (n = entries known to be in it, or nil to count), and slide the TTL.
+local function tidy(n)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
+  if oldest and tonumber(oldest) < now - KEEP - SLACK then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - KEEP)
+    n = nil
   end
+  n = n or redis.call('ZCARD', key)
+  if n > CAP then redis.call('ZREMRANGEBYRANK', key, 0, n - CAP - 1) end
   redis.call('PEXPIRE', key, KEEP + DAY)
 end
 
@@ -110,8 +115,8 @@ if op == 'r' then
     if bit.band(flags, F_DIGITAL_QUICK) ~= 0 then dq7 = dq7 + 1 end
     local members = {now, mine}
     seen('I|', ip, members); seen('C|', city, members); seen('D|', device, members)
-    redis.call('ZADD', key, 'GT', unpack(members))
-    tidy(1)
+    local added = redis.call('ZADD', key, 'GT', unpack(members))
+    tidy(#items / 2 + added)
   end
   return {status, blocked, r1h, r24h, r7d, r30d, amt30, inr30, inrd30, dq7, cm30, o30,
           ips, cities, devices, ab90, pair_r30, pair_o30, ord_n, ord_amt, ord_delivered}
@@ -134,5 +139,5 @@ elseif op == 'u' then
 else
   return redis.error_reply('unknown op')
 end
-tidy(added)
+if added == 1 then tidy(nil) end
 return {1 - added}

@@ -13,12 +13,21 @@ local now = tonumber(ARGV[2])
 local HOUR, DAY = 3600000, 86400000
 local KEEP = 8 * DAY -- longest window (7 d) plus a day, and at least the replay horizon
 local CAP = 5000
+local SLACK = 3600000 -- trim at most once an hour per key: the check is cheap, the trim is not
 
-local function tidy(k)
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now - KEEP)
-  local n = redis.call('ZCARD', k)
-  if n > CAP then redis.call('ZREMRANGEBYRANK', k, 0, n - CAP - 1) end
-  redis.call('PEXPIRE', k, KEEP)
+-- Keep the sets bounded: drop what is older than KEEP once the clock set's oldest member is more
+-- than an hour past it, cap the size, and slide the TTL.
+local function tidy(clock, keys)
+  local oldest = redis.call('ZRANGE', clock, 0, 0, 'WITHSCORES')[2]
+  local stale = oldest and tonumber(oldest) < now - KEEP - SLACK
+  for _, k in ipairs(keys) do
+    if stale then
+      redis.call('ZREMRANGEBYSCORE', k, '-inf', now - KEEP)
+      local n = redis.call('ZCARD', k)
+      if n > CAP then redis.call('ZREMRANGEBYRANK', k, 0, n - CAP - 1) end
+    end
+    redis.call('PEXPIRE', k, KEEP)
+  end
 end
 
 if op == 'r' then
@@ -27,11 +36,11 @@ if op == 'r' then
   local out = {1 - added, redis.call('EXISTS', KEYS[3]),
     redis.call('ZCOUNT', ka, now - DAY, '+inf'), redis.call('ZCOUNT', ka, now - 7 * DAY, '+inf'),
     redis.call('ZCOUNT', kr, now - HOUR, '+inf'), redis.call('ZCOUNT', kr, now - DAY, '+inf')}
-  if added == 1 then tidy(ka); tidy(kr) end
+  if added == 1 then tidy(kr, {ka, kr}) end
   return out
 elseif op == 'a' then
   redis.call('ZADD', ka, 'GT', now, ARGV[3])
-  tidy(ka)
+  tidy(ka, {ka})
   return {0}
 elseif op == 'u' then
   return {redis.call('ZREM', kr, ARGV[3])}

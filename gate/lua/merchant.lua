@@ -16,6 +16,7 @@ local HOUR, DAY = 3600000, 86400000
 local KEEP = 8 * DAY
 local EVENT_KEEP = 2 * DAY
 local CAP = 200000
+local SLACK = 3600000 -- trim at most once an hour per merchant: the check is cheap, the trim is not
 local F_DIGITAL_QUICK, F_BNPL = 4, 16
 local day = math.floor(now / DAY)
 
@@ -39,12 +40,15 @@ if op == 'r' then
     redis.call('ZCOUNT', kq, now - DAY, '+inf'), redis.call('ZCOUNT', kb, now - 7 * DAY, '+inf'),
     orders, bnpl_orders}
   if added == 1 then
-    for _, k in ipairs({kr, kq, kb}) do
-      redis.call('ZREMRANGEBYSCORE', k, '-inf', now - KEEP)
-      redis.call('PEXPIRE', k, KEEP)
+    local oldest = redis.call('ZRANGE', kr, 0, 0, 'WITHSCORES')[2]
+    if oldest and tonumber(oldest) < now - KEEP - SLACK then
+      for _, k in ipairs({kr, kq, kb}) do redis.call('ZREMRANGEBYSCORE', k, '-inf', now - KEEP) end
+      local n = redis.call('ZCARD', kr)
+      if n > CAP then redis.call('ZREMRANGEBYRANK', kr, 0, n - CAP - 1) end
     end
-    local n = redis.call('ZCARD', kr)
-    if n > CAP then redis.call('ZREMRANGEBYRANK', kr, 0, n - CAP - 1) end
+    redis.call('PEXPIRE', kr, KEEP)
+    if bit.band(flags, F_DIGITAL_QUICK) ~= 0 then redis.call('PEXPIRE', kq, KEEP) end
+    if bit.band(flags, F_BNPL) ~= 0 then redis.call('PEXPIRE', kb, KEEP) end
   end
   return out
 elseif op == 'o' then

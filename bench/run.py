@@ -1,0 +1,579 @@
+"""``make bench``: Check beside a bare echo server, same run, same machine, same load.
+
+    python -m bench.run --out bench-results/bench.json [--workers 2] [--duration 5]
+
+One run starts a throw-away redis-server, the gate (``refund-gate serve``, ``--workers`` processes
+sharing the port) and the echo baseline (``bench.echo``: the same grpc.aio stack and service
+definition doing no work, same worker count), each in its own process; waits until every worker
+answers SERVING on the gRPC health service; then drives each server from a separate load
+generator process (``bench.loadgen``): closed loop at several concurrencies for the maximum
+throughput, then open loop at half of it for latency percentiles. It records server CPU per call
+(``/proc``), Redis command time per Check (``INFO commandstats``), errors by status code, runs
+``bench.scoring`` on the served model when that module exists, prints a table and writes every
+figure to ``--out`` (JSON). It exits non-zero if any call failed.
+
+Why ratios: these are small shared VMs (waking an idle vCPU costs ~35-45 us, neighbours come and
+go), so absolute req/s move from run to run; Check against an echo server measured minutes apart
+on the same machine, and CPU us per call, move much less. See docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import MAX_OUTSTANDING, children, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = ROOT / "model" / "bundles" / "current"
+PYTHON = sys.executable
+GOALS = {"throughput_ratio_min": 0.70, "check_p99_half_load_ms_max": 3.0,
+         "redis_us_per_check_target": 60.0, "redis_us_per_check_goal": 40.0}
+
+
+def log(text: str) -> None:
+    """Progress on stderr."""
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model bundle
+# ---------------------------------------------------------------------------------------------
+
+
+def build_throwaway_bundle(out: Path) -> Path:
+    """A small real bundle (40 trees x 15 leaves, compiled too), built exactly as the tests'
+    ``bundle_dir`` fixture builds it: LightGBM on synthetic rows, ``model.package.write_bundle``."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from gate.features import FEATURE_INDEX, FEATURE_NAMES
+    from model.package import golden_rows, write_bundle
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    X = rng.normal(size=(n, len(FEATURE_NAMES)))
+    X[rng.random(X.shape) < 0.1] = np.nan
+    inr = rng.random(n) < 0.2
+    X[:, FEATURE_INDEX["not_received_but_delivered"]] = inr
+    refunds = rng.poisson(1.0, n).astype(float)
+    X[:, FEATURE_INDEX["acct_refunds_24h"]] = refunds
+    X[:, FEATURE_INDEX["refund_order_ratio"]] = rng.uniform(0.1, 1.0, n)
+    logit = -4 + 2.5 * inr + 1.2 * refunds
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    params = {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "verbosity": -1,
+              "seed": 1, "deterministic": True, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
+                        num_boost_round=40)
+    return write_bundle(out, booster, version="bench-throwaway-1",
+                        thresholds={"hold": 0.5, "reject": 0.9},
+                        golden_X=golden_rows(X, 50, seed=1), metrics={}, card={})
+
+
+def model_info(path: Path) -> dict[str, Any]:
+    """Version, engine and size of the bundle the gate will serve."""
+    from gate.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    return {"path": str(path), "version": bundle.version, "engine": bundle.model.engine,
+            "num_trees": bundle.manifest.get("num_trees")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A server child process and the worker processes it forked."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    workers: list[int]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process whose CPU counts: the parent and its workers."""
+        return sorted({self.proc.pid, *self.workers})
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM (the parent forwards it to its workers), then SIGKILL whatever is left."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def start_server(name: str, argv: list[str], port: int, workers: int, log_path: Path) -> Server:
+    """Start a server process (stdout/stderr to ``log_path``) and find its forked workers."""
+    with log_path.open("wb") as fh:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    server = Server(name, proc, port, [proc.pid])
+    if workers > 1:
+        deadline = time.monotonic() + 60
+        while len(found := children(proc.pid)) < workers:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"{name} did not fork {workers} workers; see {log_path}")
+            time.sleep(0.02)
+        server.workers = found
+    return server
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    from gate.devredis import free_port as _free_port
+
+    return _free_port()
+
+
+def run_loadgen(label: str, server: Server, args: argparse.Namespace, out_json: Path,
+                extra: Sequence[str] = (), profile_pid: int | None = None,
+                profile_out: Path | None = None) -> dict[str, Any]:
+    """Run bench.loadgen against ``server`` in its own process and return its result."""
+    argv = [PYTHON, "-m", "bench.loadgen", "--target", server.target, "--label", label,
+            "--pids", ",".join(map(str, server.pids)),
+            "--workers-pids", ",".join(map(str, server.workers)),
+            "--concurrencies", ",".join(map(str, args.concurrencies)),
+            "--duration", str(args.duration), "--warmup", str(args.warmup),
+            "--open-duration", str(args.open_duration), "--open-fraction", str(args.open_fraction),
+            "--channels", str(args.channels), "--accounts", str(args.accounts),
+            "--zipf", str(args.zipf), "--out", str(out_json), *extra]
+    budget = (len(args.concurrencies) * (args.warmup + args.duration + 2)
+              + args.warmup + args.open_duration + 120)
+    spy: subprocess.Popen[bytes] | None = None
+    if profile_pid is not None and profile_out is not None:
+        spy = start_profiler(profile_pid, profile_out)
+    try:
+        subprocess.run(argv, cwd=ROOT, check=True, timeout=budget, stdin=subprocess.DEVNULL)
+    finally:
+        if spy is not None:
+            stop_profiler(spy)
+    return dict(json.loads(out_json.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional profile of the gate with py-spy
+# ---------------------------------------------------------------------------------------------
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy record (collapsed stacks) of ``pid`` and its subprocesses, if py-spy exists."""
+    spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+    if not Path(spy).exists():
+        log("--profile: py-spy not found (.venv/bin/pip install py-spy); no profile")
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "250",
+                             "--format", "raw", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    """Stop py-spy with SIGINT so it writes its output."""
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
+    """Inclusive and self shares of functions in py-spy's collapsed stacks."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame_name(f) for f in stack.split(";")]
+        frames = [f for f in frames if f]
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + count
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+    if not total:
+        return {"samples": 0}
+
+    def ranked(table: dict[str, int]) -> list[list[Any]]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [[name, round(100.0 * n / total, 1)] for name, n in rows]
+
+    return {"samples": total, "inclusive_pct": ranked(inclusive), "self_pct": ranked(own)}
+
+
+def _frame_name(frame: str) -> str:
+    """'func (path/to/file.py:12)' -> 'func (file.py)'; drops process/thread pseudo-frames."""
+    frame = frame.strip()
+    if frame.startswith(("process ", "thread ")):
+        return ""
+    name, _, where = frame.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/lib/python3"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            break
+    else:
+        file = file.replace(str(ROOT) + "/", "")
+    return f"{name} ({file})" if file else name
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration: N workers for both servers
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_config(workers: int, args: argparse.Namespace, redis: Any, model_dir: Path,
+                 out_dir: Path) -> dict[str, Any]:
+    """Echo then Check at ``workers`` processes each; returns both loadgen results."""
+    client = redis.client()
+    client.flushall()
+    client.config_resetstat()
+    client.close()
+    tag = f"w{workers}"
+    gate_port, echo_port = free_port(), free_port()
+    gate_argv = [str(Path(PYTHON).parent / "refund-gate"), "serve",
+                 "--listen", f"127.0.0.1:{gate_port}", "--workers", str(workers),
+                 "--redis-url", redis.url, "--model-dir", str(model_dir),
+                 "--allow-client-time", "--grace-s", "1"]
+    echo_argv = [PYTHON, "-m", "bench.echo", "--listen", f"127.0.0.1:{echo_port}",
+                 "--workers", str(workers)]
+    servers: list[Server] = []
+    try:
+        gate = start_server("gate", gate_argv, gate_port, workers, out_dir / f"gate-{tag}.log")
+        servers.append(gate)
+        echo = start_server("echo", echo_argv, echo_port, workers, out_dir / f"echo-{tag}.log")
+        servers.append(echo)
+
+        async def ready() -> list[float]:
+            return list(await asyncio.gather(
+                wait_ready(gate.target, gate.workers, args.ready_timeout),
+                wait_ready(echo.target, echo.workers, args.ready_timeout)))
+
+        took = asyncio.run(ready())
+        log(f"{workers} worker(s): gate SERVING after {took[0]:.1f} s, echo after {took[1]:.1f} s")
+        echo_result = run_loadgen("echo", echo, args, out_dir / f"loadgen-echo-{tag}.json")
+        echo.stop()
+        seed = None
+        if args.seed_orders:  # history first, outside every measurement (and the profile)
+            seed = run_loadgen("seed", gate, args, out_dir / f"loadgen-seed-{tag}.json",
+                               extra=["--seed-only"]).get("seed")
+        profile = out_dir / f"check-profile-{tag}.txt" if args.profile else None
+        check_result = run_loadgen(
+            "check", gate, args, out_dir / f"loadgen-check-{tag}.json",
+            extra=["--redis-url", redis.url, "--redis-pid", str(redis.proc.pid)],
+            profile_pid=gate.proc.pid if profile else None, profile_out=profile)
+        check_result["seed"] = seed
+        result: dict[str, Any] = {"workers": workers, "echo": echo_result, "check": check_result}
+        if profile is not None and profile.exists():
+            result["check_profile"] = summarize_profile(profile)
+        return result
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def summarize(config: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of one configuration, and the goals."""
+    out: dict[str, Any] = {"workers": config["workers"]}
+    for kind in ("echo", "check"):
+        r = config[kind]
+        best = max(r["closed"], key=lambda s: s["throughput_rps"])
+        half = r.get("open", {})
+        out[kind] = {
+            "max_throughput_rps": best["throughput_rps"],
+            "max_at_concurrency": best["concurrency"],
+            "server_cpu_us_per_call_at_max": best["cost"].get("server_cpu_us_per_call"),
+            "client_cpu_us_per_call_at_max": best["cost"].get("client_cpu_us_per_call"),
+            "half_load_rps": half.get("target_rps"),
+            "half_load_latency_ms": {k: half.get("latency_ms", {}).get(k)
+                                     for k in ("p50", "p99", "p99.9")},
+            "server_cpu_us_per_call_half_load": half.get("cost", {}).get("server_cpu_us_per_call"),
+            "other_processes_cpu_cores": r["phase"]["cost"].get("other_processes_cpu_cores"),
+            "errors": r["phase"]["errors"],
+            "dropped_open_loop": half.get("dropped", 0),
+        }
+    check_phase = config["check"]["phase"]
+    redis = check_phase["cost"].get("redis", {})
+    out["check"]["redis_us_per_check"] = redis.get("us_per_call")
+    out["check"]["redis_evalsha_us_per_call"] = redis.get("evalsha_us_per_command")
+    out["check"]["redis_commands_per_check"] = redis.get("commands_per_call")
+    out["check"]["redis_evalsha_per_check"] = redis.get("evalsha_per_call")
+    out["check"]["redis_process_cpu_us_per_check"] = check_phase["cost"].get(
+        "redis_process_cpu_us_per_call")
+    out["check"]["decisions"] = check_phase["decisions"]
+    out["check"]["degraded"] = check_phase["degraded"]
+    out["check"]["replayed"] = check_phase["replayed"]
+    e, c = out["echo"], out["check"]
+    ratio = c["max_throughput_rps"] / e["max_throughput_rps"] if e["max_throughput_rps"] else None
+    out["throughput_ratio_check_to_echo"] = round(ratio, 3) if ratio is not None else None
+    if e["server_cpu_us_per_call_at_max"] and c["server_cpu_us_per_call_at_max"]:
+        out["cpu_ratio_check_to_echo"] = round(
+            c["server_cpu_us_per_call_at_max"] / e["server_cpu_us_per_call_at_max"], 2)
+    p99 = c["half_load_latency_ms"]["p99"]
+    rus = c["redis_us_per_check"]
+    out["goals"] = {
+        "throughput_ratio>=0.70": ratio is not None and ratio >= GOALS["throughput_ratio_min"],
+        "check_p99_half_load<=3ms": p99 is not None and p99 <= GOALS["check_p99_half_load_ms_max"],
+        "redis_us_per_check<=60_target": rus is not None and rus <= GOALS[
+            "redis_us_per_check_target"],
+        "redis_us_per_check<=40_goal": rus is not None and rus <= GOALS["redis_us_per_check_goal"],
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring micro-benchmark (bench/scoring.py, written separately)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_scoring(model_dir: Path, out_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m bench.scoring`` on the served model if the module exists."""
+    if not (ROOT / "bench" / "scoring.py").exists():
+        log("bench/scoring.py is missing: no scoring figures")
+        return {"status": "missing: bench/scoring.py does not exist"}
+    out = out_dir / "scoring.json"
+    errors: list[str] = []
+    for model in (model_dir / "model.txt", model_dir):
+        argv = [PYTHON, "-m", "bench.scoring", "--model", str(model), "--out", str(out)]
+        try:
+            done = subprocess.run(argv, cwd=ROOT, timeout=timeout_s, capture_output=True,
+                                  text=True, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            errors.append(f"--model {model}: timed out after {timeout_s} s")
+            continue
+        if done.returncode == 0 and out.exists():
+            return {"status": "ok", "model": str(model), "result": json.loads(out.read_text())}
+        errors.append(f"--model {model}: exit {done.returncode}: {done.stderr.strip()[-400:]}")
+    log("bench.scoring failed: " + " | ".join(errors))
+    return {"status": "failed", "errors": errors}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _lat(d: dict[str, Any]) -> str:
+    return " / ".join(_fmt(d.get(k), ".2f") for k in ("p50", "p99", "p99.9"))
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable table."""
+    meta = report["meta"]
+    lines = [
+        f"refund-gate bench  {meta['date']}  {meta['cpus']} CPUs  {meta['machine']}",
+        f"model {meta['model'].get('version')} ({meta['model'].get('engine')}, "
+        f"{meta['model'].get('num_trees')} trees){'  THROW-AWAY' if meta['model_throwaway'] else ''}"
+        f"; {meta['settings']['duration']} s per closed-loop step, open loop "
+        f"{meta['settings']['open_duration']} s",
+    ]
+    for s in report["summaries"]:
+        e, c = s["echo"], s["check"]
+        g = s["goals"]
+        ratio = s["throughput_ratio_check_to_echo"]
+        cmds = (f"{_fmt(c['redis_commands_per_check'], '.2f')} / "
+                f"{_fmt(c['redis_evalsha_per_check'], '.2f')}")
+        lines += [
+            "",
+            f"== {s['workers']} worker process(es) per server ==",
+            f"{'':34}{'echo':>20}{'Check':>20}   {'Check/echo':>11}  goal",
+            f"{'max throughput (req/s) @conc':34}"
+            f"{_fmt(e['max_throughput_rps']) + ' @' + str(e['max_at_concurrency']):>20}"
+            f"{_fmt(c['max_throughput_rps']) + ' @' + str(c['max_at_concurrency']):>20}"
+            f"   {_fmt(ratio, '.2f'):>11}  >= 0.70 {'ok' if g['throughput_ratio>=0.70'] else 'MISSED'}",
+            f"{'half-load rate (req/s)':34}{_fmt(e['half_load_rps']):>20}"
+            f"{_fmt(c['half_load_rps']):>20}",
+            f"{'half load p50/p99/p99.9 (ms)':34}{_lat(e['half_load_latency_ms']):>20}"
+            f"{_lat(c['half_load_latency_ms']):>20}   {'':>11}  p99 <= 3 ms "
+            f"{'ok' if g['check_p99_half_load<=3ms'] else 'MISSED'}",
+            f"{'server CPU us/call at max':34}{_fmt(e['server_cpu_us_per_call_at_max']):>20}"
+            f"{_fmt(c['server_cpu_us_per_call_at_max']):>20}"
+            f"   {_fmt(s.get('cpu_ratio_check_to_echo'), '.2f'):>11}",
+            f"{'server CPU us/call at half load':34}"
+            f"{_fmt(e['server_cpu_us_per_call_half_load']):>20}"
+            f"{_fmt(c['server_cpu_us_per_call_half_load']):>20}",
+            f"{'client CPU us/call at max':34}{_fmt(e['client_cpu_us_per_call_at_max']):>20}"
+            f"{_fmt(c['client_cpu_us_per_call_at_max']):>20}",
+            f"{'Redis us per Check (commandstats)':34}{'':>20}"
+            f"{_fmt(c['redis_us_per_check'], '.1f'):>20}   {'':>11}  <= 60 target "
+            f"{'ok' if g['redis_us_per_check<=60_target'] else 'MISSED'}, <= 40 goal "
+            f"{'ok' if g['redis_us_per_check<=40_goal'] else 'MISSED'}",
+            f"{'  commands / EVALSHA per Check':34}{'':>20}"
+            f"{cmds:>20}",
+            f"{'  us per EVALSHA':34}{'':>20}{_fmt(c['redis_evalsha_us_per_call'], '.1f'):>20}",
+            f"{'  redis-server CPU us per Check':34}{'':>20}"
+            f"{_fmt(c['redis_process_cpu_us_per_check']):>20}",
+            f"{'other processes CPU (cores)':34}{_fmt(e['other_processes_cpu_cores'], '.2f'):>20}"
+            f"{_fmt(c['other_processes_cpu_cores'], '.2f'):>20}   (machine noise; ~0 is clean)",
+            f"{'errors (by status)':34}{json.dumps(e['errors']) or '{}':>20}"
+            f"{json.dumps(c['errors']):>20}",
+            f"{'Check decisions':34}{'':>20}  {json.dumps(c['decisions'])}  degraded "
+            f"{c['degraded']}, replayed {c['replayed']}",
+        ]
+    if len(report["summaries"]) > 1:
+        best = max(report["summaries"], key=lambda s: s["throughput_ratio_check_to_echo"] or 0)
+        lines += ["", f"highest Check/echo throughput ratio: {best['workers']} worker(s) "
+                  f"({best['throughput_ratio_check_to_echo']})"]
+    scoring = report.get("scoring", {})
+    lines += ["", f"scoring micro-benchmark: {scoring.get('status')}"]
+    if scoring.get("status") == "ok":
+        res = scoring["result"]
+        lines.append(f"  {res.get('num_trees')} trees x {res.get('max_leaves')} leaves, "
+                     f"us per row (p50 / p99 / mean):")
+        for engine, r in (res.get("results_us") or {}).items():
+            lines.append(f"  {engine:>18}  {_fmt(r.get('p50'), '.2f')} / "
+                         f"{_fmt(r.get('p99'), '.2f')} / {_fmt(r.get('mean'), '.2f')}")
+    for cfg in report["configs"]:
+        prof = cfg.get("check_profile")
+        if prof and prof.get("samples"):
+            lines += ["", f"py-spy profile of the gate ({cfg['workers']} worker(s)), "
+                      f"{prof['samples']} samples; inclusive %:"]
+            lines += [f"  {pct:5.1f}  {name}" for name, pct in prof["inclusive_pct"][:20]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
+    p.add_argument("--workers", default="2",
+                   help="worker processes per server; a list (e.g. 1,2) runs each in turn")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per closed-loop step")
+    p.add_argument("--open-duration", type=float, default=None,
+                   help="seconds of the open-loop step (default: 2 x --duration)")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before a step")
+    p.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1, 8, 32, 64])
+    p.add_argument("--open-fraction", type=float, default=0.5)
+    p.add_argument("--channels", type=int, default=4, help="client connections")
+    p.add_argument("--accounts", type=int, default=20_000)
+    p.add_argument("--zipf", type=float, default=0.7, help="account activity skew exponent")
+    p.add_argument("--no-seed-orders", dest="seed_orders", action="store_false",
+                   help="skip recording one ORDER_PLACED per account before the Check phase")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--ready-timeout", type=float, default=60.0)
+    p.add_argument("--scoring-timeout", type=float, default=180.0)
+    p.add_argument("--profile", action="store_true",
+                   help="sample the gate with py-spy during the Check phase (costs some CPU)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 0 when every call succeeded, 1 otherwise."""
+    args = build_parser().parse_args(argv)
+    args.open_duration = args.open_duration or 2 * args.duration
+    workers_list = [int(w) for w in str(args.workers).split(",") if w]
+    out: Path = args.out
+    out_dir = out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from gate.devredis import start_redis
+
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        model_dir: Path = args.model_dir
+        throwaway = not model_dir.exists()
+        if throwaway:
+            tmp = Path(tempfile.mkdtemp(prefix="bench-bundle-"))
+            stack.callback(shutil.rmtree, tmp, True)
+            log(f"{model_dir} does not exist: building a THROW-AWAY bundle (synthetic data, "
+                "as the tests' bundle_dir fixture); its figures are not the real model's")
+            model_dir = build_throwaway_bundle(tmp / "bundle")
+        model = model_info(model_dir)
+        redis = start_redis()
+        stack.callback(shutil.rmtree, redis.workdir, True)
+        stack.callback(redis.kill)
+        stack.callback(redis.stop)
+        configs = []
+        for workers in workers_list:
+            configs.append(bench_config(workers, args, redis, model_dir, out_dir))
+        scoring = run_scoring(model_dir, out_dir, args.scoring_timeout)
+        redis_version = redis.client().info("server").get("redis_version")
+    summaries = [summarize(c) for c in configs]
+    report = {
+        "meta": {
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": f"{platform.system()} {platform.machine()} {platform.node()}",
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "grpc": _version("grpcio"), "protobuf": _version("protobuf"),
+            "redis": redis_version, "model": model, "model_throwaway": throwaway,
+            "seconds": round(time.monotonic() - started, 1),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        },
+        "summaries": summaries,
+        "configs": configs,
+        "scoring": scoring,
+        "goals": GOALS,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    print(f"\nwritten: {out} ({report['meta']['seconds']} s)")
+    for s in summaries:
+        if s["check"]["degraded"]:
+            print(f"\nWARNING ({s['workers']} worker(s)): {s['check']['degraded']} Check answers "
+                  "were degraded (Redis timed out or failed): the figures are not clean",
+                  file=sys.stderr)
+        for kind in ("echo", "check"):
+            if s[kind]["dropped_open_loop"]:
+                print(f"\nWARNING ({s['workers']} worker(s)): {kind} open loop dropped "
+                      f"{s[kind]['dropped_open_loop']} arrivals (over {MAX_OUTSTANDING} in "
+                      "flight): the server could not keep up with half load", file=sys.stderr)
+    failures = {f"{s['workers']}w/{kind}": s[kind]["errors"] for s in summaries
+                for kind in ("echo", "check") if s[kind]["errors"]}
+    if failures:
+        print(f"\nFAILED: calls ended with non-OK status: {json.dumps(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
