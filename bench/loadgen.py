@@ -83,8 +83,14 @@ def children(pid: int) -> list[int]:
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as fh:
                 found.extend(int(p) for p in fh.read().split())
-    except FileNotFoundError:
-        return []
+    except FileNotFoundError:  # no such process, or a kernel without CONFIG_PROC_CHILDREN
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{entry}/stat", "rb") as fh:
+                        stat = fh.read()
+                    if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                        found.append(int(entry))
     return sorted(set(found))
 
 
@@ -315,7 +321,7 @@ class Population:
         self._delivery = _Choice(_DELIVERY)
         self._payment = _Choice(_PAYMENTS)
         self._counter = itertools.count()
-        self._last_order: dict[int, tuple[str, int, float, str, int, int]] = {}
+        self._last_order: dict[int, tuple[str, int, float, str, Any, Any]] = {}
         self._recent: collections.deque[bytes] = collections.deque(maxlen=512)
         total = self._acct_cum[-1]
         self.stats = {
@@ -588,6 +594,7 @@ class Load:
         self.step_errors: collections.Counter[str] = collections.Counter()
         self.decisions: collections.Counter[str] = collections.Counter()
         self.degraded = 0
+        self.step_degraded = 0
         self.replayed = 0
         self._rr = itertools.count()
 
@@ -605,6 +612,7 @@ class Load:
         resp = pb.CheckResponse.FromString(reply)
         self.decisions[pb.Decision.Name(resp.decision)] += 1
         self.degraded += resp.degraded
+        self.step_degraded += resp.degraded
         self.replayed += resp.replayed
         return True
 
@@ -614,6 +622,7 @@ class Load:
         window = [math.inf, math.inf]
         stop = False
         self.step_errors = collections.Counter()
+        self.step_degraded = 0
 
         async def caller(call: Any) -> None:
             while not stop:
@@ -636,6 +645,7 @@ class Load:
         return {"mode": "closed", "concurrency": concurrency,
                 "throughput_rps": round(len(latencies) / (b.at - a.at), 1),
                 "ok": len(latencies), "errors": dict(self.step_errors),
+                "degraded": self.step_degraded,
                 "latency_ms": percentiles(latencies), "cost": cost(a, b)}
 
     async def open(self, rate: float, warmup_s: float, duration_s: float,
@@ -656,6 +666,7 @@ class Load:
         tasks: set[asyncio.Task[None]] = set()
         dropped = 0
         self.step_errors = collections.Counter()
+        self.step_degraded = 0
 
         async def one(scheduled: float) -> None:
             call = self.calls[next(self._rr) % len(self.calls)]
@@ -694,6 +705,7 @@ class Load:
                 "target_rps": round(rate, 1), "scheduled": scheduled_n,
                 "achieved_rps": round(len(latencies) / duration_s, 1), "ok": len(latencies),
                 "dropped": dropped, "errors": dict(self.step_errors),
+                "degraded": self.step_degraded,
                 "latency_ms": percentiles(latencies),
                 "send_lag_ms": {k: v for k, v in percentiles(send_lag).items()
                                 if k in ("p50", "p99", "max")},

@@ -148,6 +148,15 @@ def start_server(name: str, argv: list[str], port: int, workers: int, log_path: 
     return server
 
 
+def gate_command() -> list[str]:
+    """How to run ``refund-gate``: the console script beside this Python, else via -c."""
+    script = Path(PYTHON).parent / "refund-gate"
+    if script.exists():
+        return [str(script)]
+    return [PYTHON, "-c", "import sys; from gate.cli import main; sys.argv[0] = 'refund-gate'; "
+            "main()"]
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     from gate.devredis import free_port as _free_port
@@ -263,7 +272,7 @@ def bench_config(workers: int, args: argparse.Namespace, redis: Any, model_dir: 
     client.close()
     tag = f"w{workers}"
     gate_port, echo_port = free_port(), free_port()
-    gate_argv = [str(Path(PYTHON).parent / "refund-gate"), "serve",
+    gate_argv = [*gate_command(), "serve",
                  "--listen", f"127.0.0.1:{gate_port}", "--workers", str(workers),
                  "--redis-url", redis.url, "--model-dir", str(model_dir),
                  "--allow-client-time", "--grace-s", "1"]
@@ -324,6 +333,11 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
             "errors": r["phase"]["errors"],
             "dropped_open_loop": half.get("dropped", 0),
         }
+    light = min(config["check"]["closed"], key=lambda s: s["concurrency"])
+    out["check"]["redis_us_per_check_lightest_step"] = {
+        "concurrency": light["concurrency"],
+        "us_per_check": light["cost"].get("redis", {}).get("us_per_call"),
+        "evalsha_us": light["cost"].get("redis", {}).get("evalsha_us_per_command")}
     check_phase = config["check"]["phase"]
     redis = check_phase["cost"].get("redis", {})
     out["check"]["redis_us_per_check"] = redis.get("us_per_call")
@@ -407,45 +421,65 @@ def render(report: dict[str, Any]) -> str:
         e, c = s["echo"], s["check"]
         g = s["goals"]
         ratio = s["throughput_ratio_check_to_echo"]
+        light = c["redis_us_per_check_lightest_step"]
         cmds = (f"{_fmt(c['redis_commands_per_check'], '.2f')} / "
                 f"{_fmt(c['redis_evalsha_per_check'], '.2f')}")
         lines += [
             "",
             f"== {s['workers']} worker process(es) per server ==",
-            f"{'':34}{'echo':>20}{'Check':>20}   {'Check/echo':>11}  goal",
+            f"{'':34}{'echo':>23}{'Check':>23}   {'Check/echo':>11}  goal",
             f"{'max throughput (req/s) @conc':34}"
-            f"{_fmt(e['max_throughput_rps']) + ' @' + str(e['max_at_concurrency']):>20}"
-            f"{_fmt(c['max_throughput_rps']) + ' @' + str(c['max_at_concurrency']):>20}"
+            f"{_fmt(e['max_throughput_rps']) + ' @' + str(e['max_at_concurrency']):>23}"
+            f"{_fmt(c['max_throughput_rps']) + ' @' + str(c['max_at_concurrency']):>23}"
             f"   {_fmt(ratio, '.2f'):>11}  >= 0.70 {'ok' if g['throughput_ratio>=0.70'] else 'MISSED'}",
-            f"{'half-load rate (req/s)':34}{_fmt(e['half_load_rps']):>20}"
-            f"{_fmt(c['half_load_rps']):>20}",
-            f"{'half load p50/p99/p99.9 (ms)':34}{_lat(e['half_load_latency_ms']):>20}"
-            f"{_lat(c['half_load_latency_ms']):>20}   {'':>11}  p99 <= 3 ms "
+            f"{'half-load rate (req/s)':34}{_fmt(e['half_load_rps']):>23}"
+            f"{_fmt(c['half_load_rps']):>23}",
+            f"{'half load p50/p99/p99.9 (ms)':34}{_lat(e['half_load_latency_ms']):>23}"
+            f"{_lat(c['half_load_latency_ms']):>23}   {'':>11}  p99 <= 3 ms "
             f"{'ok' if g['check_p99_half_load<=3ms'] else 'MISSED'}",
-            f"{'server CPU us/call at max':34}{_fmt(e['server_cpu_us_per_call_at_max']):>20}"
-            f"{_fmt(c['server_cpu_us_per_call_at_max']):>20}"
+            f"{'server CPU us/call at max':34}{_fmt(e['server_cpu_us_per_call_at_max']):>23}"
+            f"{_fmt(c['server_cpu_us_per_call_at_max']):>23}"
             f"   {_fmt(s.get('cpu_ratio_check_to_echo'), '.2f'):>11}",
             f"{'server CPU us/call at half load':34}"
-            f"{_fmt(e['server_cpu_us_per_call_half_load']):>20}"
-            f"{_fmt(c['server_cpu_us_per_call_half_load']):>20}",
-            f"{'client CPU us/call at max':34}{_fmt(e['client_cpu_us_per_call_at_max']):>20}"
-            f"{_fmt(c['client_cpu_us_per_call_at_max']):>20}",
-            f"{'Redis us per Check (commandstats)':34}{'':>20}"
-            f"{_fmt(c['redis_us_per_check'], '.1f'):>20}   {'':>11}  <= 60 target "
+            f"{_fmt(e['server_cpu_us_per_call_half_load']):>23}"
+            f"{_fmt(c['server_cpu_us_per_call_half_load']):>23}",
+            f"{'client CPU us/call at max':34}{_fmt(e['client_cpu_us_per_call_at_max']):>23}"
+            f"{_fmt(c['client_cpu_us_per_call_at_max']):>23}",
+            f"{'Redis us per Check (commandstats)':34}{'':>23}"
+            f"{_fmt(c['redis_us_per_check'], '.1f'):>23}   {'':>11}  <= 60 target "
             f"{'ok' if g['redis_us_per_check<=60_target'] else 'MISSED'}, <= 40 goal "
             f"{'ok' if g['redis_us_per_check<=40_goal'] else 'MISSED'}",
-            f"{'  commands / EVALSHA per Check':34}{'':>20}"
-            f"{cmds:>20}",
-            f"{'  us per EVALSHA':34}{'':>20}{_fmt(c['redis_evalsha_us_per_call'], '.1f'):>20}",
-            f"{'  redis-server CPU us per Check':34}{'':>20}"
-            f"{_fmt(c['redis_process_cpu_us_per_check']):>20}",
-            f"{'other processes CPU (cores)':34}{_fmt(e['other_processes_cpu_cores'], '.2f'):>20}"
-            f"{_fmt(c['other_processes_cpu_cores'], '.2f'):>20}   (machine noise; ~0 is clean)",
-            f"{'errors (by status)':34}{json.dumps(e['errors']) or '{}':>20}"
-            f"{json.dumps(c['errors']):>20}",
-            f"{'Check decisions':34}{'':>20}  {json.dumps(c['decisions'])}  degraded "
+            f"{'  at c=' + str(light['concurrency']) + ' only (least contention)':34}{'':>23}"
+            f"{_fmt(light['us_per_check'], '.1f'):>23}",
+            f"{'  commands / EVALSHA per Check':34}{'':>23}"
+            f"{cmds:>23}",
+            f"{'  us per EVALSHA':34}{'':>23}{_fmt(c['redis_evalsha_us_per_call'], '.1f'):>23}",
+            f"{'  redis-server CPU us per Check':34}{'':>23}"
+            f"{_fmt(c['redis_process_cpu_us_per_check']):>23}",
+            f"{'other processes CPU (cores)':34}{_fmt(e['other_processes_cpu_cores'], '.2f'):>23}"
+            f"{_fmt(c['other_processes_cpu_cores'], '.2f'):>23}   (machine noise; ~0 is clean)",
+            f"{'errors (by status)':34}{json.dumps(e['errors']) or '{}':>23}"
+            f"{json.dumps(c['errors']):>23}",
+            f"{'Check decisions':34}{'':>23}  {json.dumps(c['decisions'])}  degraded "
             f"{c['degraded']}, replayed {c['replayed']}",
         ]
+    for cfg in report["configs"]:
+        lines += ["", f"steps ({cfg['workers']} worker(s)): req/s, p50/p99 ms, server CPU us/call"
+                  ", Redis us/Check, degraded answers"]
+        for kind in ("echo", "check"):
+            for step in [*cfg[kind]["closed"], cfg[kind].get("open")]:
+                if not step:
+                    continue
+                k = step["cost"]
+                where = (f"c={step['concurrency']}" if step["mode"] == "closed"
+                         else f"open {step['target_rps']:.0f}/s")
+                rate = step.get("throughput_rps", step.get("achieved_rps"))
+                lat = step["latency_ms"]
+                lines.append(
+                    f"  {kind:>5} {where:>14}  {_fmt(rate):>6} req/s  {_fmt(lat['p50'], '.2f'):>6}"
+                    f" / {_fmt(lat['p99'], '.2f'):>6} ms  {_fmt(k.get('server_cpu_us_per_call')):>5}"
+                    f" us  {_fmt(k.get('redis', {}).get('us_per_call'), '.0f'):>4} us"
+                    f"  {step.get('degraded', 0)}")
     if len(report["summaries"]) > 1:
         best = max(report["summaries"], key=lambda s: s["throughput_ratio_check_to_echo"] or 0)
         lines += ["", f"highest Check/echo throughput ratio: {best['workers']} worker(s) "
@@ -502,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when every call succeeded, 1 otherwise."""
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every child process is stopped by the finally blocks.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     args.open_duration = args.open_duration or 2 * args.duration
     workers_list = [int(w) for w in str(args.workers).split(",") if w]
     out: Path = args.out
@@ -530,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scoring = run_scoring(model_dir, out_dir, args.scoring_timeout)
         redis_version = redis.client().info("server").get("redis_version")
     summaries = [summarize(c) for c in configs]
-    report = {
+    report: dict[str, Any] = {
         "meta": {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": f"{platform.system()} {platform.machine()} {platform.node()}",
