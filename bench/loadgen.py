@@ -712,6 +712,61 @@ class Load:
                 "cost": cost(a, b)}
 
 
+def _script_names() -> dict[str, str]:
+    """SHA1 -> script name of the gate's Lua scripts (empty if the gate's layout changed)."""
+    try:
+        from gate.velocity import SCRIPTS
+    except ImportError:
+        return {}
+    return {s.sha: s.name for s in SCRIPTS}
+
+
+async def script_breakdown(load: Load, concurrency: int, duration_s: float) -> dict[str, Any]:
+    """Redis time per script (and op) from SLOWLOG with a 0 us threshold, in an extra step.
+
+    The slow log records every top-level command with its duration, so EVALSHA calls can be
+    told apart by script; it costs Redis a little, so this step is kept out of every other
+    figure. The previous slow-log settings are restored afterwards.
+    """
+    r = load.probe.redis
+    if r is None:
+        return {}
+    saved = r.config_get("slowlog-*")
+    names = _script_names()
+    try:
+        r.config_set("slowlog-max-len", 1_000_000)
+        r.config_set("slowlog-log-slower-than", 0)
+        r.slowlog_reset()
+        step = await load.closed(concurrency, 0.2, duration_s)
+        entries = r.slowlog_get(1_000_000)
+    finally:
+        for key, value in saved.items():
+            r.config_set(key, value)
+        r.slowlog_reset()
+    durations: dict[str, list[int]] = collections.defaultdict(list)
+    for entry in entries:
+        cmd = entry["command"].split()
+        if not cmd:
+            continue
+        verb = cmd[0].decode().upper()
+        if verb == "EVALSHA" and len(cmd) > 3:
+            nkeys = int(cmd[2])
+            op = cmd[3 + nkeys].decode() if len(cmd) > 3 + nkeys else "?"
+            durations[f"{names.get(cmd[1].decode(), cmd[1].decode()[:8])}:{op}"].append(
+                entry["duration"])
+        elif verb in ("GET", "SET"):
+            durations[verb].append(entry["duration"])
+    checks = step["cost"].get("calls") or 1
+    out: dict[str, Any] = {"concurrency": concurrency, "checks": checks, "scripts": {}}
+    for name, xs in sorted(durations.items()):
+        xs.sort()
+        out["scripts"][name] = {
+            "calls": len(xs), "mean_us": round(sum(xs) / len(xs), 1),
+            "p50_us": xs[len(xs) // 2], "p99_us": xs[min(len(xs) - 1, int(len(xs) * 0.99))],
+            "us_per_check": round(sum(xs) / checks, 1)}
+    return out
+
+
 async def seed_orders(channels: Sequence[grpc.aio.Channel], population: Population,
                       batch: int, timeout_s: float) -> dict[str, Any]:
     """Send one ORDER_PLACED per account through RecordEvents (four calls in flight)."""
@@ -784,6 +839,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "replayed": load.replayed,
             "cost": cost(phase_start, phase_end, load.sent),
         }
+        if args.script_breakdown and probe.redis is not None:
+            out["redis_scripts"] = await script_breakdown(load, 8, 2.0)
+            out["phase"]["errors"] = dict(load.errors)  # every call's status counts
+            _progress(args.label, "Redis us per Check by script: " + ", ".join(
+                f"{k} {v['us_per_check']}" for k, v in out["redis_scripts"]["scripts"].items()))
         out["population"] = population.stats
     finally:
         for ch in channels:
@@ -822,6 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first record one ORDER_PLACED per account via RecordEvents")
     p.add_argument("--seed-only", action="store_true",
                    help="only record the ORDER_PLACED history (same population), no Checks")
+    p.add_argument("--script-breakdown", action="store_true",
+                   help="after the phase, an extra step with SLOWLOG on: Redis us per script")
     p.add_argument("--accounts", type=int, default=20_000)
     p.add_argument("--merchants", type=int, default=500)
     p.add_argument("--zipf", type=float, default=0.7, help="account activity skew exponent")

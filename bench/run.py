@@ -215,7 +215,7 @@ def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
         spy.wait()
 
 
-def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
+def summarize_profile(path: Path, top: int = 40) -> dict[str, Any]:
     """Inclusive and self shares of functions in py-spy's collapsed stacks."""
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
@@ -301,7 +301,8 @@ def bench_config(workers: int, args: argparse.Namespace, redis: Any, model_dir: 
         profile = out_dir / f"check-profile-{tag}.txt" if args.profile else None
         check_result = run_loadgen(
             "check", gate, args, out_dir / f"loadgen-check-{tag}.json",
-            extra=["--redis-url", redis.url, "--redis-pid", str(redis.proc.pid)],
+            extra=["--redis-url", redis.url, "--redis-pid", str(redis.proc.pid),
+                   "--script-breakdown"],
             profile_pid=gate.proc.pid if profile else None, profile_out=profile)
         check_result["seed"] = seed
         result: dict[str, Any] = {"workers": workers, "echo": echo_result, "check": check_result}
@@ -464,6 +465,13 @@ def render(report: dict[str, Any]) -> str:
             f"{c['degraded']}, replayed {c['replayed']}",
         ]
     for cfg in report["configs"]:
+        scripts = cfg["check"].get("redis_scripts", {}).get("scripts", {})
+        if scripts:
+            lines += ["", f"Redis time by command ({cfg['workers']} worker(s); extra step at c="
+                      f"{cfg['check']['redis_scripts']['concurrency']} with SLOWLOG on): "
+                      "us per Check, mean / p99 us per call"]
+            lines += [f"  {name:>14}  {v['us_per_check']:6.1f}  {v['mean_us']:6.1f} / "
+                      f"{v['p99_us']}" for name, v in scripts.items()]
         lines += ["", f"steps ({cfg['workers']} worker(s)): req/s, p50/p99 ms, server CPU us/call"
                   ", Redis us/Check, degraded answers"]
         for kind in ("echo", "check"):
@@ -497,8 +505,12 @@ def render(report: dict[str, Any]) -> str:
         prof = cfg.get("check_profile")
         if prof and prof.get("samples"):
             lines += ["", f"py-spy profile of the gate ({cfg['workers']} worker(s)), "
-                      f"{prof['samples']} samples; inclusive %:"]
-            lines += [f"  {pct:5.1f}  {name}" for name, pct in prof["inclusive_pct"][:20]]
+                      f"{prof['samples']} samples (Python frames; C and Cython time shows as "
+                      "the self time of the calling frame). Self %:"]
+            lines += [f"  {pct:5.1f}  {name}" for name, pct in prof["self_pct"][:15]]
+            lines.append("  inclusive % of the gate's own functions:")
+            lines += [f"  {pct:5.1f}  {name}" for name, pct in prof["inclusive_pct"]
+                      if "(gate/" in name][:12]
     return "\n".join(lines)
 
 

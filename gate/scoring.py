@@ -155,7 +155,7 @@ class Model:
 
         Equal to ``Booster.predict`` on that row, NaN meaning missing. The row's leaf
         indices stay available through `last_leaves` until this thread scores again.
-        Raises ValueError for a row of the wrong length.
+        Raises ValueError for a row of the wrong length, TypeError for a non-number.
         """
         if len(row) != self._num_features:
             raise ValueError(f"row has {len(row)} values, the model takes {self._num_features}")

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gate.breaker import CircuitBreaker, State
 from gate.bundle import Bundle
 from gate.redisclient import RedisAddress, RedisConnection, RedisError
 from gate.service import ModelHolder, RefundGateService
@@ -33,6 +34,9 @@ from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
+VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
+"""Health entry of the velocity store: NOT_SERVING while its circuit breaker is open. The
+service itself stays SERVING then: it answers, degraded, within its budget."""
 T = TypeVar("T")
 
 
@@ -62,12 +66,14 @@ class Gate:
     service: RefundGateService
     health: health.aio.HealthServicer
     redis: RedisConnection
+    breaker: CircuitBreaker
     models: ModelHolder
     _tasks: list[asyncio.Task[None]]
 
     async def start(self) -> None:
         """Start serving and watch Redis until it answers once, then report SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(VELOCITY_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._become_ready()))
 
@@ -82,10 +88,19 @@ class Gate:
             except RedisError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        await self.health.set(VELOCITY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         if self.models.bundle is not None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving", extra={"port": self.port,
                                        "model_version": self.models.bundle.version})
+
+    def on_breaker_change(self, state: State) -> None:
+        """Mirror the breaker in the velocity health entry (called from the breaker)."""
+        status = (health_pb2.HealthCheckResponse.SERVING if state is State.CLOSED
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        task = asyncio.get_running_loop().create_task(self.health.set(VELOCITY_HEALTH, status))
+        self._tasks.append(task)
+        self._tasks = [t for t in self._tasks if not t.done()]
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -99,6 +114,7 @@ class Gate:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace_s)
+        await self.breaker.close()
         await self.redis.close()
 
 
@@ -109,8 +125,11 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
         connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
         on_connect=LOAD_SCRIPTS,
     )
-    store = VelocityStore(redis, prefix=settings.key_prefix,
-                          hasher=IdHasher(settings.id_hash_key), replay_ttl_s=settings.replay_ttl_s)
+    probe_timeout_s = (settings.budget_ms - settings.score_reserve_ms) / 1000.0
+    breaker = CircuitBreaker(lambda: redis.call([("PING",)], probe_timeout_s),
+                             failure_threshold=settings.breaker_failures)
+    store = VelocityStore(redis, prefix=settings.key_prefix, hasher=IdHasher(settings.id_hash_key),
+                          replay_ttl_s=settings.replay_ttl_s, breaker=breaker)
     models = ModelHolder(bundle)
     service = RefundGateService(settings, store, models)
     service.Check = _guard(service.Check)  # type: ignore[method-assign,assignment]
@@ -130,7 +149,9 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"cannot bind {settings.listen}")
-    return Gate(server, port, service, health_servicer, redis, models, [])
+    gate = Gate(server, port, service, health_servicer, redis, breaker, models, [])
+    breaker.on_change = gate.on_breaker_change
+    return gate
 
 
 async def _run(settings: Settings, bundle: Bundle, reuse_port: bool) -> None:

@@ -48,8 +48,11 @@ class Settings:
         "Time one Check may take end to end, unless the caller's deadline is shorter."))
     deadline_margin_ms: float = field(default=2.0, metadata=_meta(
         "Kept back from the caller's deadline for the response to travel back."))
-    score_reserve_ms: float = field(default=1.0, metadata=_meta(
-        "Kept back from the budget for scoring, policy and response after Redis."))
+    score_reserve_ms: float = field(default=2.0, metadata=_meta(
+        "Kept back from the budget for scoring, policy and the response after Redis (it also "
+        "covers the event loop's ~1 ms timer granularity)."))
+    breaker_failures: int = field(default=5, metadata=_meta(
+        "Consecutive Redis failures that open the circuit breaker (then Checks skip Redis)."))
     allow_client_time: bool = field(default=False, metadata=_meta(
         "Trust requested_at/occurred_at far from the server clock (replays, backfills, simulations)."))
     clock_skew_s: float = field(default=300.0, metadata=_meta(
@@ -114,6 +117,8 @@ class Settings:
             problems.append("key_prefix must be non-empty and contain no braces")
         if self.replay_ttl_s < 60:
             problems.append("replay_ttl_s must be >= 60")
+        if self.breaker_failures < 1:
+            problems.append("breaker_failures must be >= 1")
         if self.max_concurrency < 1 or self.max_events_per_call < 1:
             problems.append("max_concurrency and max_events_per_call must be >= 1")
         if self.max_message_bytes < 1024:

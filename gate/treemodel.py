@@ -69,6 +69,10 @@ class Tree:
     # LightGBM writes internal values with 6 significant digits only; good for
     # attribution, never used for scores.
     internal_value: tuple[float, ...]
+    # Training rows that reached each leaf / internal node (all 0 if the file omits
+    # them); the compiler lays out the likelier path first.
+    leaf_count: tuple[int, ...]
+    internal_count: tuple[int, ...]
 
     @property
     def root_value(self) -> float:
@@ -212,6 +216,8 @@ def _parse_tree(fields: dict[str, str], max_feature_idx: int, where: str) -> Tre
         right_child=ints("right_child", n_nodes),
         leaf_value=floats("leaf_value", num_leaves),
         internal_value=floats("internal_value", n_nodes),
+        leaf_count=ints("leaf_count", num_leaves) if "leaf_count" in fields else (0,) * num_leaves,
+        internal_count=(ints("internal_count", n_nodes) if "internal_count" in fields else (0,) * n_nodes),
     )
     for node in range(n_nodes):
         dt = tree.decision_type[node]

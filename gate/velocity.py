@@ -32,8 +32,9 @@ from typing import Any
 
 import hiredis
 
+from gate.breaker import CircuitBreaker
 from gate.features import Source
-from gate.redisclient import Command, RedisConnection, RedisReplyError
+from gate.redisclient import Command, RedisConnection, RedisError, RedisReplyError, RedisUnavailable
 from refundgate.v1 import refund_gate_pb2 as pb
 
 ACCOUNT_FIELDS = (
@@ -177,11 +178,12 @@ class VelocityStore:
     """Records refunds and events and reads their windows, one pipelined round trip each."""
 
     def __init__(self, conn: RedisConnection, *, prefix: str, hasher: IdHasher,
-                 replay_ttl_s: int) -> None:
+                 replay_ttl_s: int, breaker: CircuitBreaker | None = None) -> None:
         self.conn = conn
         self.keys = Keys(prefix)
         self.hash = hasher
         self.replay_ttl_s = replay_ttl_s
+        self.breaker = breaker
 
     def refund_facts(self, req: pb.CheckRequest, at_s: float, flags: int) -> RefundFacts:
         """Hash the ids of a validated request; the only step that sees them raw."""
@@ -223,7 +225,7 @@ class VelocityStore:
         named = self._check_commands(f)
         commands: list[Command] = [("GET", self.keys.reply(f.refund))]
         commands.extend(cmd for _, cmd in named)
-        replies = await self._call_scripts(commands, timeout_s)
+        replies = await self._guarded(commands, timeout_s)
         stored = replies[0] if isinstance(replies[0], bytes) else None
         result = CheckVelocity(stored_reply=stored, status=None,
                                counters={"account": None, "device": None, "ip": None,
@@ -248,6 +250,8 @@ class VelocityStore:
                 result.counters[source] = dict(zip(ENTITY_FIELDS, reply[2:], strict=True))
                 if reply[1]:
                     result.blocked.append(source)
+        if result.failed and self.breaker is not None:
+            self.breaker.record_failure()  # a script erroring on every call must open it too
         return result
 
     async def undo(self, f: RefundFacts, sources: Sequence[str], timeout_s: float) -> None:
@@ -256,11 +260,19 @@ class VelocityStore:
         if commands:
             await self._call_scripts(commands, timeout_s)
 
-    def store_reply(self, refund_hash: str, payload: bytes) -> None:
-        """Keep the answer for retries, fire and forget: it rides in the next pipeline flush."""
-        future = self.conn.send([("SET", self.keys.reply(refund_hash), payload, "EX",
-                                  self.replay_ttl_s, "NX")])
+    def store_reply(self, refund_hash: str, payload: bytes) -> bool:
+        """Keep the answer for retries, fire and forget: it rides in the next pipeline flush.
+
+        Best effort: if it is lost, a retry finds its refund already counted and recomputes the
+        same decision (same windows, same decision id), so nothing is counted twice.
+        """
+        try:
+            future = self.conn.send([("SET", self.keys.reply(refund_hash), payload, "EX",
+                                      self.replay_ttl_s, "NX")])
+        except RedisError:
+            return False
         future.add_done_callback(_consume)
+        return True
 
     async def record_events(
         self, events: Sequence[pb.Event], times_s: Sequence[float], timeout_s: float
@@ -295,11 +307,26 @@ class VelocityStore:
             else:
                 op = "x" if ev.outcome in BAD_OUTCOMES else "p"
                 commands.append(("EVALSHA", ACCOUNT_SCRIPT.sha, 2, acct, acct_bl, op, now, eid))
-        replies = await self._call_scripts(commands, timeout_s)
+        replies = await self._guarded(commands, timeout_s)
         for reply in replies:
             if not isinstance(reply, list):
                 raise RedisReplyError(f"event script failed: {reply}")
         return [Status(replies[i][0]) for i in primary]
+
+    async def _guarded(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
+        """Call through the circuit breaker: refused at once while it is open."""
+        breaker = self.breaker
+        if breaker is None:
+            return await self._call_scripts(commands, timeout_s)
+        if not breaker.allow():
+            raise RedisUnavailable("circuit breaker open")
+        try:
+            replies = await self._call_scripts(commands, timeout_s)
+        except RedisError:
+            breaker.record_failure()
+            raise
+        breaker.record_success()
+        return replies
 
     async def _call_scripts(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
         """Send a batch; if Redis lost the scripts (restart, SCRIPT FLUSH) load them and resend.

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gate.devredis import RedisProcess, free_port
-
-CLI = [sys.executable, "-m", "gate.cli"]
+from tests.gateproc import CLI, start_gate_process
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -24,37 +19,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           env={**os.environ, **(env or {})})
 
 
-def wait_serving(target: str, timeout_s: float = 20.0) -> None:
-    """Block on the health Watch stream until SERVING (bounded by the call deadline)."""
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-        stub = health_pb2_grpc.HealthStub(channel)
-        for update in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s):
-            if update.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-    raise AssertionError("gate never reported SERVING")
-
-
 @pytest.fixture
 def served(redis_proc: RedisProcess, bundle_dir: Path, rdb: object) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--model-dir", str(bundle_dir),
-         "--redis-url", redis_proc.url, "--grace-s", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_serving(target)
-        yield target
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=15)
-        logs = proc.stderr.read() if proc.stderr else ""
-        assert code == 0, logs
-        lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
-        messages = [line["message"] for line in lines]
-        assert "settings" in messages and "shutting down" in messages
-        assert all("Traceback" not in line for line in logs.splitlines())
+    gate = start_gate_process(redis_proc.url, bundle_dir)
+    yield gate.target
+    messages = [line["message"] for line in gate.stop()]
+    assert "settings" in messages and "shutting down" in messages
 
 
 def test_check_one_liner_prints_a_decision(served: str) -> None:

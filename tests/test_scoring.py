@@ -132,11 +132,12 @@ def fallback(trained: Trained) -> Model:
     return model
 
 
-def _engines(trained: Trained) -> dict[str, Model]:
-    return {
-        ENGINE_COMPILED: load_model(trained.model_txt, trained.compiled_so, feature_names=FEATURE_NAMES),
-        ENGINE_LIGHTGBM: load_model(trained.model_txt, feature_names=FEATURE_NAMES),
-    }
+def _load(trained: Trained, engine: str) -> Model:
+    """A fresh model on ``engine`` (fresh per-thread state, unlike the session fixtures)."""
+    compiled_so = trained.compiled_so if engine == ENGINE_COMPILED else None
+    model = load_model(trained.model_txt, compiled_so, feature_names=FEATURE_NAMES)
+    assert model.engine == engine, model.fallback_reason
+    return model
 
 
 def _rows(tree_model: TreeModel) -> st.SearchStrategy[list[float]]:
@@ -201,7 +202,7 @@ def test_lightgbm_engine_equals_booster(trained: Trained, fallback: Model) -> No
 
 @pytest.mark.parametrize("engine", [ENGINE_COMPILED, ENGINE_LIGHTGBM])
 def test_engines_equal_booster_on_data_rows(trained: Trained, engine: str) -> None:
-    model = _engines(trained)[engine]
+    model = _load(trained, engine)
     X = trained.X[:500]
     expected = trained.booster.predict(X)
     expected_leaves = trained.booster.predict(X, pred_leaf=True)
@@ -235,7 +236,7 @@ def _saabas_reference(booster: lgb.Booster, leaves: np.ndarray, num_features: in
 
 @pytest.mark.parametrize("engine", [ENGINE_COMPILED, ENGINE_LIGHTGBM])
 def test_contributions_are_saabas_and_sum_to_raw_score(trained: Trained, engine: str) -> None:
-    model = _engines(trained)[engine]
+    model = _load(trained, engine)
     X = trained.X[:50]
     raw = trained.booster.predict(X, raw_score=True)
     used = {f for tree in trained.tree_model.trees for f in tree.split_feature}
@@ -355,7 +356,7 @@ def test_unloadable_object_is_refused(trained: Trained, tmp_path: Path, content:
 
 @pytest.mark.parametrize("engine", [ENGINE_COMPILED, ENGINE_LIGHTGBM])
 def test_concurrent_threads_each_get_their_own_results(trained: Trained, engine: str) -> None:
-    model = _engines(trained)[engine]
+    model = _load(trained, engine)
     threads = 8
     X = trained.X[: threads * 100]
     expected = trained.booster.predict(X)

@@ -1,0 +1,130 @@
+"""Faults for real: the gate process talks to redis-server through a fault proxy.
+
+For every fault: each call is answered within budget + 2 ms, marked degraded when features were
+missing, never UNKNOWN or INTERNAL, and the gate recovers by itself once Redis is back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gate.devredis import RedisProcess, start_redis
+from refundgate.v1 import refund_gate_pb2 as pb
+from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
+from tests.conftest import make_request
+from tests.faultproxy import FaultProxy
+from tests.gateproc import GateProcess, start_gate_process
+
+BUDGET_MS = 20.0
+SLACK_S = 0.002
+_ids = itertools.count()
+
+
+@dataclass
+class Rig:
+    redis: RedisProcess
+    proxy: FaultProxy
+    gate: GateProcess
+    stub: pb_grpc.RefundGateStub
+
+
+@pytest.fixture(scope="module")
+def rig(bundle_dir: Path) -> Iterator[Rig]:
+    redis = start_redis()
+    proxy = FaultProxy(redis.port).start()
+    gate = start_gate_process(f"redis://127.0.0.1:{proxy.port}/0", bundle_dir,
+                              "--budget-ms", str(BUDGET_MS), "--breaker-failures", "3")
+    channel = grpc.insecure_channel(gate.target)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    stub = pb_grpc.RefundGateStub(channel)
+    stub.Check(make_request(refund_id="warm-up"))  # first call pays for lazy imports
+    try:
+        yield Rig(redis, proxy, gate, stub)
+    finally:
+        channel.close()
+        gate.stop()
+        proxy.stop()
+        redis.stop()
+
+
+@pytest.fixture(autouse=True)
+def healthy_after(rig: Rig) -> Iterator[None]:
+    yield
+    rig.proxy.set_mode("pass")
+    assert_recovers(rig)
+
+
+def call(rig: Rig) -> tuple[pb.CheckResponse, float]:
+    """One Check with a fresh refund id; returns the response and its latency (s)."""
+    n = next(_ids)
+    req = make_request(refund_id=f"rf:f{n}", order_id=f"ord:f{n}")
+    started = time.perf_counter()
+    try:
+        resp = rig.stub.Check(req, timeout=5)
+    except grpc.RpcError as err:
+        raise AssertionError(f"call failed with {err.code()}: {err.details()}") from None
+    return resp, time.perf_counter() - started
+
+
+def assert_in_budget(rig: Rig, n: int, *, degraded: bool | None) -> list[pb.CheckResponse]:
+    responses = []
+    for _ in range(n):
+        resp, latency = call(rig)
+        assert latency <= BUDGET_MS / 1000 + SLACK_S, f"answered in {latency * 1000:.1f} ms"
+        if degraded is not None:
+            assert resp.degraded == degraded
+        if resp.degraded:
+            assert "FEATURES_UNAVAILABLE" in {r.code for r in resp.reasons}
+        responses.append(resp)
+    return responses
+
+
+def assert_recovers(rig: Rig, timeout_s: float = 10.0) -> None:
+    """Calls until one is not degraded; the gate must get there on its own."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        resp, _ = call(rig)
+        if not resp.degraded:
+            return
+    raise AssertionError("gate did not recover")
+
+
+def test_small_latency_is_absorbed(rig: Rig) -> None:
+    rig.proxy.set_mode("latency", latency_s=0.004)
+    assert_in_budget(rig, 20, degraded=False)
+
+
+def test_latency_beyond_the_budget_degrades_within_budget(rig: Rig) -> None:
+    rig.proxy.set_mode("latency", latency_s=0.060)
+    assert_in_budget(rig, 30, degraded=True)
+
+
+def test_blackhole_degrades_within_budget(rig: Rig) -> None:
+    rig.proxy.set_mode("blackhole")
+    assert_in_budget(rig, 30, degraded=True)
+
+
+def test_connection_resets_degrade_within_budget(rig: Rig) -> None:
+    rig.proxy.set_mode("reset")
+    assert_in_budget(rig, 30, degraded=True)
+
+
+def test_flapping_resets_never_fail_a_call(rig: Rig) -> None:
+    for i in range(10):
+        rig.proxy.set_mode("reset" if i % 2 else "pass")
+        assert_in_budget(rig, 5, degraded=None)
+
+
+def test_redis_killed_and_restarted_empty(rig: Rig) -> None:
+    rig.redis.kill()
+    assert_in_budget(rig, 20, degraded=True)
+    rig.redis = start_redis(port=rig.redis.port)  # same port, empty data, no scripts loaded
+    assert_recovers(rig)
+    assert_in_budget(rig, 10, degraded=False)
