@@ -17,44 +17,57 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gate.breaker import CircuitBreaker, State
 from gate.bundle import Bundle
 from gate.redisclient import RedisAddress, RedisConnection, RedisError
-from gate.service import ModelHolder, RefundGateService
+from gate.service import ModelHolder, RefundGateService, bad_request_status
 from gate.settings import Settings
+from gate.validation import ValidationError, Violation
 from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
 from refundgate.v1 import refund_gate_pb2 as pb
-from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
 VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
 """Health entry of the velocity store: NOT_SERVING while its circuit breaker is open. The
 service itself stays SERVING then: it answers, degraded, within its budget."""
-T = TypeVar("T")
 
 
-def _guard(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map any unexpected exception to INTERNAL with a generic message: never a traceback."""
+def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],
+           request_type: type[Message]) -> grpc.RpcMethodHandler:
+    """A unary handler that parses the request itself and maps every failure deliberately.
 
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> T:
+    gRPC's own deserializer would answer INTERNAL to bytes that are not a valid message; the
+    caller sent bad input, so it gets INVALID_ARGUMENT naming the request. Any unexpected
+    exception becomes INTERNAL with a generic message and is logged: never a traceback.
+    """
+    name = method.__name__
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            request = request_type.FromString(raw)
+        except (DecodeError, ValueError):
+            await context.abort_with_status(bad_request_status(ValidationError(
+                [Violation("request", f"is not a valid {request_type.DESCRIPTOR.name}")])))
+            raise AssertionError("unreachable: abort raises") from None
         try:
             return await method(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception:
-            log.exception("unexpected error in %s", method.__name__)
+            log.exception("unexpected error in %s", name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             raise AssertionError("unreachable: abort raises") from None
 
-    guarded.__name__ = method.__name__
-    return guarded
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
 
 
 @dataclass
@@ -132,15 +145,16 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
                           replay_ttl_s=settings.replay_ttl_s, breaker=breaker)
     models = ModelHolder(bundle)
     service = RefundGateService(settings, store, models)
-    service.Check = _guard(service.Check)  # type: ignore[method-assign,assignment]
-    service.RecordEvents = _guard(service.RecordEvents)  # type: ignore[method-assign,assignment]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_RefundGateServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "Check": _unary(service.Check, pb.CheckRequest),
+        "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest),
+    }),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
