@@ -698,8 +698,17 @@ class Load:
         finally:
             pacer.stop.set()
             await asyncio.to_thread(pacer.join)
+        unfinished = 0
         if tasks:
-            await asyncio.wait(tasks, timeout=self.timeout_s + 1.0)
+            _, pending = await asyncio.wait(tasks, timeout=self.timeout_s + 1.0)
+            # Past its deadline and a second more: the client itself is hopelessly behind.
+            unfinished = len(pending)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if unfinished:
+                self.errors["UNFINISHED"] += unfinished
+                self.step_errors["UNFINISHED"] += unfinished
         scheduled_n = sum(1 for x in times if window[0] <= x < window[1])
         return {"mode": "open", "arrivals": "poisson" if poisson else "uniform",
                 "target_rps": round(rate, 1), "scheduled": scheduled_n,

@@ -459,9 +459,9 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(c['redis_process_cpu_us_per_check']):>23}",
             f"{'other processes CPU (cores)':34}{_fmt(e['other_processes_cpu_cores'], '.2f'):>23}"
             f"{_fmt(c['other_processes_cpu_cores'], '.2f'):>23}   (machine noise; ~0 is clean)",
-            f"{'errors (by status)':34}{json.dumps(e['errors']) or '{}':>23}"
-            f"{json.dumps(c['errors']):>23}",
-            f"{'Check decisions':34}{'':>23}  {json.dumps(c['decisions'])}  degraded "
+            f"{'errors (by status)':34}echo {json.dumps(e['errors'])}, "
+            f"Check {json.dumps(c['errors'])}",
+            f"{'Check decisions':34}{json.dumps(c['decisions'])}  degraded "
             f"{c['degraded']}, replayed {c['replayed']}",
         ]
     for cfg in report["configs"]:
@@ -606,6 +606,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\nWARNING ({s['workers']} worker(s)): {kind} open loop dropped "
                       f"{s[kind]['dropped_open_loop']} arrivals (over {MAX_OUTSTANDING} in "
                       "flight): the server could not keep up with half load", file=sys.stderr)
+    busy = [f"{s['workers']}w/{kind} {s[kind]['other_processes_cpu_cores']}" for s in summaries
+            for kind in ("echo", "check") if (s[kind]["other_processes_cpu_cores"] or 0) > 0.2]
+    if busy:
+        print("\nWARNING: other processes used CPU during the run (cores: " + ", ".join(busy)
+              + "): on 2 CPUs that distorts every figure; rerun on a quiet machine",
+              file=sys.stderr)
     failures = {f"{s['workers']}w/{kind}": s[kind]["errors"] for s in summaries
                 for kind in ("echo", "check") if s[kind]["errors"]}
     if failures:

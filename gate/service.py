@@ -177,6 +177,9 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             response = await self._decide(request, context, bundle, rf, facts, fp, started)
             mine.future.set_result(response)
             return response
+        except asyncio.CancelledError:
+            mine.future.cancel()  # the caller went away; copies waiting on it decide alone
+            raise
         except BaseException as exc:
             mine.future.set_exception(exc)
             mine.future.exception()
@@ -188,13 +191,16 @@ class RefundGateService(pb_grpc.RefundGateServicer):
     async def _await_shared(
         self, waiting: _InFlight, started: float, context: grpc.aio.ServicerContext
     ) -> pb.CheckResponse | None:
+        future = waiting.future
         try:
             async with asyncio.timeout(self._budget_s(started, context)):
-                original = await asyncio.shield(waiting.future)
-        except Exception:  # the original failed or is late: decide on our own
+                await asyncio.wait((future,))  # never raises the original's error, never cancels it
+        except TimeoutError:
             return None
+        if future.cancelled() or future.exception() is not None:
+            return None  # the original failed or was abandoned: decide on our own
         response = pb.CheckResponse()
-        response.CopyFrom(original)
+        response.CopyFrom(future.result())
         response.replayed = True
         return response
 
