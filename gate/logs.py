@@ -1,14 +1,35 @@
-"""Structured JSON logs on stderr: one object per line, extra fields included, no request data."""
+"""Structured JSON logs: one object per line on stderr, with trace and span ids.
+
+The event loop never writes to stderr itself: records go through a queue to a writer thread, so
+a slow or full log pipe cannot stall Checks. Trace context is captured when the record is made
+(in the loop's thread), where the current span is known. Nothing per request is logged at INFO.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import Any
 
+from opentelemetry import trace
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds trace_id and span_id of the current span (if any) to each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            record.trace_id = f"{ctx.trace_id:032x}"
+            record.span_id = f"{ctx.span_id:016x}"
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,9 +52,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str) -> None:
-    """Route every logger to JSON lines on stderr at ``level``."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    """Route every logger, through a queue and a writer thread, to JSON lines on stderr."""
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(JsonFormatter())
+    records: queue.Queue[logging.LogRecord] = queue.Queue(-1)
+    handler = logging.handlers.QueueHandler(records)
+    handler.addFilter(TraceContextFilter())
+    listener = logging.handlers.QueueListener(records, writer, respect_handler_level=False)
+    listener.start()
+    atexit.register(listener.stop)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -26,9 +26,12 @@ from grpc_reflection.v1alpha import reflection
 
 from gate.breaker import CircuitBreaker, State
 from gate.bundle import Bundle
+from gate.decisionlog import DecisionLog
+from gate.logs import setup_logging
 from gate.redisclient import RedisAddress, RedisConnection, RedisError
 from gate.service import ModelHolder, RefundGateService, bad_request_status
 from gate.settings import Settings
+from gate.telemetry import Telemetry, observe_breaker, start_prometheus_server
 from gate.validation import ValidationError, Violation
 from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
 from refundgate.v1 import refund_gate_pb2 as pb
@@ -41,7 +44,7 @@ service itself stays SERVING then: it answers, degraded, within its budget."""
 
 
 def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],
-           request_type: type[Message]) -> grpc.RpcMethodHandler:
+           request_type: type[Message], telemetry: Telemetry) -> grpc.RpcMethodHandler:
     """A unary handler that parses the request itself and maps every failure deliberately.
 
     gRPC's own deserializer would answer INTERNAL to bytes that are not a valid message; the
@@ -49,22 +52,25 @@ def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
     exception becomes INTERNAL with a generic message and is logged: never a traceback.
     """
     name = method.__name__
+    full_method = f"/{SERVICE_NAME}/{name}"
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        try:
-            request = request_type.FromString(raw)
-        except (DecodeError, ValueError):
-            await context.abort_with_status(bad_request_status(ValidationError(
-                [Violation("request", f"is not a valid {request_type.DESCRIPTOR.name}")])))
-            raise AssertionError("unreachable: abort raises") from None
-        try:
-            return await method(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            raise AssertionError("unreachable: abort raises") from None
+        with telemetry.server_span(full_method, context):
+            try:
+                request = request_type.FromString(raw)
+            except (DecodeError, ValueError):
+                telemetry.m.invalid.add(1, {"method": name})
+                await context.abort_with_status(bad_request_status(ValidationError(
+                    [Violation("request", f"is not a valid {request_type.DESCRIPTOR.name}")])))
+                raise AssertionError("unreachable: abort raises") from None
+            try:
+                return await method(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", name)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                raise AssertionError("unreachable: abort raises") from None
 
     return grpc.unary_unary_rpc_method_handler(
         handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
@@ -81,12 +87,16 @@ class Gate:
     redis: RedisConnection
     breaker: CircuitBreaker
     models: ModelHolder
+    telemetry: Telemetry
+    decision_log: DecisionLog | None
     _tasks: list[asyncio.Task[None]]
 
     async def start(self) -> None:
         """Start serving and watch Redis until it answers once, then report SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(VELOCITY_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.decision_log is not None:
+            self.decision_log.start()
         await self.server.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._become_ready()))
 
@@ -127,12 +137,20 @@ class Gate:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace_s)
+        if self.decision_log is not None:
+            await self.decision_log.close()
         await self.breaker.close()
         await self.redis.close()
 
 
-def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool = False) -> Gate:
-    """Build the server on ``settings.listen`` (port 0 picks a free one)."""
+def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool = False,
+                telemetry: Telemetry | None = None) -> Gate:
+    """Build the server on ``settings.listen`` (port 0 picks a free one).
+
+    Without ``telemetry`` a private one is made with no Prometheus reader (tests build many
+    gates in one process; the Prometheus registry is process-wide).
+    """
+    telemetry = telemetry or Telemetry(prometheus=False)
     redis = RedisConnection(
         RedisAddress.from_url(settings.redis_url),
         connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
@@ -144,7 +162,14 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
     store = VelocityStore(redis, prefix=settings.key_prefix, hasher=IdHasher(settings.id_hash_key),
                           replay_ttl_s=settings.replay_ttl_s, breaker=breaker)
     models = ModelHolder(bundle)
-    service = RefundGateService(settings, store, models)
+    decision_log = None
+    if settings.decision_log:
+        decision_log = DecisionLog(
+            redis, f"{settings.key_prefix}:decisions", maxlen=settings.decision_log_maxlen,
+            queue_size=settings.decision_log_queue,
+            on_drop=lambda n: telemetry.m.decision_log_dropped.add(n))
+    observe_breaker(telemetry.meter, lambda: not breaker.allow())
+    service = RefundGateService(settings, store, models, telemetry, decision_log)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -152,8 +177,8 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
     ]
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        "Check": _unary(service.Check, pb.CheckRequest),
-        "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest),
+        "Check": _unary(service.Check, pb.CheckRequest, telemetry),
+        "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest, telemetry),
     }),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -163,13 +188,21 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"cannot bind {settings.listen}")
-    gate = Gate(server, port, service, health_servicer, redis, breaker, models, [])
+    gate = Gate(server, port, service, health_servicer, redis, breaker, models, telemetry,
+                decision_log, [])
     breaker.on_change = gate.on_breaker_change
     return gate
 
 
-async def _run(settings: Settings, bundle: Bundle, reuse_port: bool) -> None:
-    gate = create_gate(settings, bundle, reuse_port=reuse_port)
+async def _run(settings: Settings, bundle: Bundle, reuse_port: bool, worker: int = 0) -> None:
+    telemetry = Telemetry(prometheus=bool(settings.admin_listen))
+    if settings.admin_listen:
+        host, _, port = settings.admin_listen.rpartition(":")
+        address = f"{host}:{int(port) + worker if int(port) else 0}"
+        start_prometheus_server(address)
+        log.info("metrics endpoint", extra={"address": address})
+    gate = create_gate(settings, bundle, reuse_port=reuse_port, telemetry=telemetry)
+    telemetry.m.model_loads.add(1, {"result": "loaded"})
     await gate.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,6 +211,7 @@ async def _run(settings: Settings, bundle: Bundle, reuse_port: bool) -> None:
     await stop.wait()
     log.info("shutting down", extra={"grace_s": settings.grace_s})
     await gate.stop(settings.grace_s)
+    telemetry.shutdown()
 
 
 def serve(settings: Settings, bundle: Bundle) -> None:
@@ -187,11 +221,12 @@ def serve(settings: Settings, bundle: Bundle) -> None:
         return
     _check_port_free(settings.listen)
     children: list[int] = []
-    for _ in range(settings.workers):
+    for worker in range(settings.workers):
         pid = os.fork()  # before any gRPC object exists in this process
         if pid == 0:
             try:
-                asyncio.run(_run(settings, bundle, reuse_port=True))
+                setup_logging(settings.log_level)  # the parent's log writer thread did not fork
+                asyncio.run(_run(settings, bundle, reuse_port=True, worker=worker))
             finally:
                 os._exit(0)
         children.append(pid)

@@ -23,11 +23,14 @@ from typing import NoReturn
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
 
 from gate import features, policy
 from gate.bundle import Bundle
-from gate.redisclient import RedisError
+from gate.decisionlog import DecisionLog, DecisionRecord
+from gate.redisclient import RedisError, RedisTimeout, RedisUnavailable
 from gate.settings import Settings
+from gate.telemetry import Telemetry
 from gate.validation import ValidationError, validate_check, validate_events
 from gate.velocity import CheckVelocity, RefundFacts, Status, VelocityStore
 from refundgate.v1 import refund_gate_pb2 as pb
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _DECISIONS = {policy.APPROVE: pb.DECISION_APPROVE, policy.HOLD: pb.DECISION_HOLD_FOR_REVIEW,
               policy.REJECT: pb.DECISION_REJECT}
+_OUTCOMES = {v: k for k, v in _DECISIONS.items()}
 _REPLY_MAGIC = b"rg1"
 _FP_LEN = 16
 EVENTS_TIMEOUT_S = 2.0
@@ -67,21 +71,34 @@ def prepare(
 
 async def observe(
     store: VelocityStore, rf: features.RequestFeatures, facts: RefundFacts, timeout_s: float
-) -> tuple[CheckVelocity | None, list[float]]:
+) -> tuple[CheckVelocity | None, list[float], str | None]:
     """Record the refund, read its windows (one round trip) and assemble the feature row.
 
     This is the only way a feature row is made: Check serves with it and the training set is
     built with it, so the model learns exactly what the gate will see. Velocity is None (and its
-    features NaN) when Redis failed or there was no time left for it.
+    features NaN) when Redis failed or there was no time left for it; the third value then says
+    why: "no_time", "timeout", "unavailable" (down or breaker open) or "error"; "script" when
+    only some entities failed.
     """
     velocity: CheckVelocity | None = None
+    problem: str | None = "no_time"
     if timeout_s > 0:
         try:
             velocity = await store.record_and_read(facts, timeout_s)
+            problem = None if velocity.complete else "script"
         except RedisError as exc:
-            log.debug("velocity unavailable: %s", type(exc).__name__)
+            problem = redis_problem(exc)
     row = features.assemble(rf, velocity.counters if velocity is not None else {})
-    return velocity, row
+    return velocity, row, problem
+
+
+def redis_problem(exc: RedisError) -> str:
+    """Metric label of a velocity store failure."""
+    if isinstance(exc, RedisTimeout):
+        return "timeout"
+    if isinstance(exc, RedisUnavailable):
+        return "unavailable"
+    return "error"
 
 
 def fingerprint(req: pb.CheckRequest) -> bytes:
@@ -125,10 +142,14 @@ class RefundGateService(pb_grpc.RefundGateServicer):
     """Check and RecordEvents over one velocity store and the live model."""
 
     def __init__(self, settings: Settings, store: VelocityStore, models: ModelHolder,
+                 telemetry: Telemetry, decision_log: DecisionLog | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.models = models
+        self.telemetry = telemetry
+        self.metrics = telemetry.m
+        self.decision_log = decision_log
         self.clock = clock
         self.degraded_policy = policy.DegradedPolicy(settings.degraded_approve_below_minor)
         self._in_flight: dict[str, _InFlight] = {}
@@ -138,23 +159,33 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckResponse:
         """One refund request, one decision; see the module docstring for the path."""
+        started = time.monotonic()
         if self._active >= self.settings.max_concurrency:
+            self.metrics.shed.add(1)
             await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "gate overloaded, retry later")
         self._active += 1
+        outcome = "INTERNAL"
         try:
-            return await self._check(request, context)
+            response = await self._check(request, context, started)
+            outcome = _OUTCOMES[response.decision]
+            return response
+        except grpc.aio.AbortError:
+            code = context.code()  # type: ignore[attr-defined]
+            outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+            raise
         finally:
             self._active -= 1
+            self.metrics.check_duration.record(time.monotonic() - started, {"outcome": outcome})
 
     async def _check(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, started: float
     ) -> pb.CheckResponse:
-        started = time.monotonic()
         s = self.settings
         try:
             at_s = validate_check(request, now_s=self.clock(),
                                   allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s)
         except ValidationError as err:
+            self.metrics.invalid.add(1, {"method": "Check"})
             await context.abort_with_status(bad_request_status(err))
         bundle = self.models.bundle
         if bundle is None:
@@ -217,8 +248,18 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, bundle: Bundle,
         rf: features.RequestFeatures, facts: RefundFacts, fp: bytes, started: float,
     ) -> pb.CheckResponse:
+        tel, m = self.telemetry, self.metrics
+        span = trace.get_current_span()
         redis_s = self._budget_s(started, context) - self.settings.score_reserve_ms / 1000.0
-        velocity, row = await observe(self.store, rf, facts, redis_s)
+        t0 = time.monotonic()
+        with tel.stage("velocity", span) as stage:
+            velocity, row, problem = await observe(self.store, rf, facts, redis_s)
+            if stage is not None:
+                stage.set_attribute("refundgate.velocity.problem", problem or "none")
+        t1 = time.monotonic()
+        m.stage_duration.record(t1 - t0, {"stage": "velocity"})
+        if problem is not None:
+            m.redis_errors.add(1, {"kind": problem})
         if velocity is not None:
             replay = await self._replay(request, context, velocity, facts, fp)
             if replay is not None:
@@ -226,20 +267,37 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         counters = velocity.counters if velocity is not None else {}
         degraded = velocity is None or not velocity.complete
         model = bundle.model
-        score = model.score(row)
+        with tel.stage("score", span):
+            score = model.score(row)
+        t2 = time.monotonic()
+        m.stage_duration.record(t2 - t1, {"stage": "score"})
         account = counters.get("account")
-        verdict = policy.decide(
-            score, bundle.thresholds,
-            policy.Facts(
-                amount_minor=request.amount_minor,
-                order_amount_minor=request.order_amount_minor,
-                order_amount_asked=account["order_amount"] if account else None,
-                blocked=velocity.blocked if velocity is not None else (),
-                degraded=degraded,
-            ),
-            self.degraded_policy,
-            explain=lambda: model.contributions(model.last_leaves()).tolist(),
-        )
+        with tel.stage("policy", span):
+            verdict = policy.decide(
+                score, bundle.thresholds,
+                policy.Facts(
+                    amount_minor=request.amount_minor,
+                    order_amount_minor=request.order_amount_minor,
+                    order_amount_asked=account["order_amount"] if account else None,
+                    blocked=velocity.blocked if velocity is not None else (),
+                    degraded=degraded,
+                ),
+                self.degraded_policy,
+                explain=lambda: model.contributions(model.last_leaves()).tolist(),
+            )
+        t3 = time.monotonic()
+        m.stage_duration.record(t3 - t2, {"stage": "policy"})
+        m.decisions.add(1, {"decision": verdict.decision, "model_version": bundle.version,
+                            "degraded": degraded})
+        if span.is_recording():
+            breaker = self.store.breaker
+            span.set_attributes({
+                "refundgate.decision": verdict.decision, "refundgate.model_version": bundle.version,
+                "refundgate.degraded": degraded,
+                "refundgate.breaker": breaker.state.value if breaker is not None else "none",
+                "refundgate.velocity_ms": round((t1 - t0) * 1000, 3),
+                "refundgate.score_ms": round((t2 - t1) * 1000, 3),
+            })
         status = velocity.status if velocity is not None else None
         response = pb.CheckResponse(
             refund_id=request.refund_id,
@@ -253,6 +311,13 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         )
         if status == Status.COUNTED and not degraded:
             self.store.store_reply(facts.refund, pack_reply(fp, response))
+        if self.decision_log is not None and status != Status.DUPLICATE:
+            self.decision_log.submit(DecisionRecord(
+                decision_id=response.decision_id, at=facts.at_ms / 1000.0, refund=facts.refund,
+                account=facts.account, merchant=facts.merchant, order=facts.order,
+                device=facts.device, ip=facts.ip, features=row, score=score,
+                model_version=bundle.version, decision=verdict.decision, reasons=verdict.reasons,
+                degraded=degraded, latency_ms=(time.monotonic() - started) * 1000.0))
         return response
 
     async def _replay(
@@ -270,6 +335,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
                                 "refund_id was already used for a different request")
         if stored is not None:
+            self.metrics.replays.add(1)
             response = stored[1]
             response.replayed = True
             return response
@@ -285,6 +351,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                                     allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s,
                                     max_events=s.max_events_per_call)
         except ValidationError as err:
+            self.metrics.invalid.add(1, {"method": "RecordEvents"})
             await context.abort_with_status(bad_request_status(err))
         timeout = EVENTS_TIMEOUT_S
         remaining = context.time_remaining()
@@ -292,7 +359,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             timeout = min(timeout, remaining - s.deadline_margin_ms / 1000.0)
         try:
             statuses = await self.store.record_events(request.events, times, max(timeout, 0.001))
-        except RedisError:
+        except RedisError as exc:
+            self.metrics.redis_errors.add(1, {"kind": redis_problem(exc)})
             await _fail(context, grpc.StatusCode.UNAVAILABLE,
                                 "velocity store unavailable; retry, events are idempotent")
         accepted = sum(1 for st in statuses if st == Status.COUNTED)

@@ -72,6 +72,15 @@ class Settings:
         "Largest request message accepted."))
     max_events_per_call: int = field(default=1000, metadata=_meta(
         "Largest RecordEvents batch."))
+    admin_listen: str = field(default="127.0.0.1:9464", metadata=_meta(
+        "host:port of the admin HTTP endpoint (Prometheus /metrics); empty disables it. With "
+        "several workers, worker i listens on port + i."))
+    decision_log: bool = field(default=True, metadata=_meta(
+        "Append every decision to the Redis Stream '<key_prefix>:decisions' (off the hot path)."))
+    decision_log_maxlen: int = field(default=1_000_000, metadata=_meta(
+        "Approximate cap of the decision stream's length."))
+    decision_log_queue: int = field(default=10_000, metadata=_meta(
+        "Decisions waiting to be written; beyond it they are dropped and counted."))
     grace_s: float = field(default=5.0, metadata=_meta(
         "On SIGTERM: time given to in-flight calls before the server stops."))
     log_level: str = field(default="INFO", metadata=_meta("Log level of the gate's JSON logs."))
@@ -121,6 +130,10 @@ class Settings:
             problems.append("breaker_failures must be >= 1")
         if self.max_concurrency < 1 or self.max_events_per_call < 1:
             problems.append("max_concurrency and max_events_per_call must be >= 1")
+        if self.admin_listen and not self.admin_listen.rpartition(":")[2].isdigit():
+            problems.append("admin_listen must be host:port or empty")
+        if self.decision_log_maxlen < 1000 or self.decision_log_queue < 1:
+            problems.append("decision_log_maxlen must be >= 1000 and decision_log_queue >= 1")
         if self.max_message_bytes < 1024:
             problems.append("max_message_bytes must be >= 1024")
         if self.degraded_approve_below_minor < 0:

@@ -67,7 +67,7 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
     async def check(req: pb.CheckRequest, slot: int) -> None:
         at = validate_check(req, now_s=0.0, allow_client_time=True, skew_s=0.0)
         rf, facts = prepare(store, req, at)
-        velocity, row = await observe(store, rf, facts, TIMEOUT_S)
+        velocity, row, _ = await observe(store, rf, facts, TIMEOUT_S)
         if velocity is None or not velocity.complete:
             raise RuntimeError("velocity store failed while building the training set")
         rows[slot] = row

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +21,18 @@ CLI = [sys.executable, "-m", "gate.cli"]
 
 @dataclass
 class GateProcess:
-    """A gate subprocess listening on ``target``."""
+    """A gate subprocess listening on ``target``; its log goes to a file, never a pipe (a
+    full pipe would block the gate's event loop on a log write)."""
 
     proc: subprocess.Popen[str]
     target: str
+    log_path: Path
 
     def stop(self) -> list[dict[str, object]]:
         """SIGTERM, wait, and return its JSON log lines; fails if the exit was not clean."""
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=20)
-        logs = self.proc.stderr.read() if self.proc.stderr else ""
+        logs = self.log_path.read_text()
         assert code == 0, logs[-4000:]
         assert "Traceback" not in logs, logs[-4000:]
         return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
@@ -50,12 +53,14 @@ def start_gate_process(redis_url: str, bundle_dir: Path, *args: str,
                        env: dict[str, str] | None = None, wait: bool = True) -> GateProcess:
     """Start `refund-gate serve` on a free port and wait until it is SERVING."""
     port = free_port()
-    proc = subprocess.Popen(
-        [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--model-dir", str(bundle_dir),
-         "--redis-url", redis_url, "--grace-s", "2", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})})
-    gate = GateProcess(proc, f"127.0.0.1:{port}")
+    log_path = Path(tempfile.mkstemp(prefix="gate-", suffix=".log")[1])
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--model-dir", str(bundle_dir),
+             "--redis-url", redis_url, "--grace-s", "2", "--admin-listen", "", *args],
+            stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+            env={**os.environ, **(env or {})})
+    gate = GateProcess(proc, f"127.0.0.1:{port}", log_path)
     if wait:
         try:
             wait_serving(gate.target)

@@ -128,3 +128,31 @@ def test_redis_killed_and_restarted_empty(rig: Rig) -> None:
     rig.redis = start_redis(port=rig.redis.port)  # same port, empty data, no scripts loaded
     assert_recovers(rig)
     assert_in_budget(rig, 10, degraded=False)
+
+
+def test_overload_is_shed_at_once_with_resource_exhausted(rig: Rig, bundle_dir: Path) -> None:
+    small = start_gate_process(f"redis://127.0.0.1:{rig.proxy.port}/0", bundle_dir,
+                               "--budget-ms", str(BUDGET_MS), "--max-concurrency", "4")
+    rig.proxy.set_mode("latency", latency_s=0.010)  # each admitted call holds its slot ~10 ms
+    try:
+        with grpc.insecure_channel(small.target) as channel:
+            stub = pb_grpc.RefundGateStub(channel)
+            futures = [stub.Check.future(make_request(refund_id=f"rf:o{i}", order_id=f"o:{i}"),
+                                         timeout=5) for i in range(40)]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())  # type: ignore[attr-defined]
+    finally:
+        small.stop()
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.OK) >= 4
+
+
+def test_a_deadline_too_short_for_redis_gets_an_immediate_degraded_decision(rig: Rig) -> None:
+    resp = rig.stub.Check(make_request(refund_id="rf:short", order_id="o:short"), timeout=0.004)
+    assert resp.degraded
+    assert "FEATURES_UNAVAILABLE" in {r.code for r in resp.reasons}

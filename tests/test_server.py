@@ -78,6 +78,7 @@ async def test_retry_returns_the_stored_answer_and_counts_nothing(
     await _until_stored(gate, rdb)
     before = _snapshot(rdb)
     again = await gate.stub.Check(make_request())
+    await _until_stored(gate, rdb)
     assert again.replayed and not first.replayed
     assert (again.decision, again.score, again.decision_id) == (
         first.decision, first.score, first.decision_id)
@@ -267,8 +268,11 @@ async def test_no_model_is_unavailable(redis_proc: RedisProcess, rdb: redis.Redi
 
 
 async def _until_stored(gate: RunningGate, rdb: redis.Redis) -> None:
-    """The answer is stored off the hot path on the gate's own pipelined connection: a PING
-    sent after it on that connection returns only once Redis has run the store."""
+    """The answer and the decision log entry are written off the hot path on the gate's own
+    pipelined connection: once the log queue is flushed, a PING sent after them on that
+    connection returns only when Redis has run both."""
+    assert gate.gate.decision_log is not None
+    await gate.gate.decision_log.flush()
     await gate.gate.redis.call([("PING",)], timeout_s=2)
     assert rdb.keys("rg:{r:*"), "stored answer is missing"
 
@@ -281,6 +285,8 @@ def _snapshot(rdb: redis.Redis) -> dict[bytes, object]:
             out[key] = rdb.zrange(key, 0, -1, withscores=True)
         elif kind == b"hash":
             out[key] = rdb.hgetall(key)
+        elif kind == b"stream":
+            out[key] = [fields for _, fields in rdb.xrange(key)]
         else:
             out[key] = rdb.get(key)
     return out

@@ -1,0 +1,132 @@
+"""The decision log: every decision, appended to a capped Redis Stream off the hot path.
+
+A Check hands its decision to a bounded in-process queue (never waits); a background task
+writes queued decisions in pipelined XADD batches. When the queue is full or Redis refuses, the
+decision is dropped and counted, so the hot path never slows for the audit trail and the loss is
+visible. The stream is capped (approximate MAXLEN), and holds only hashed ids.
+
+This is the record that replays, audits, backtests and labels join on (by decision_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gate.redisclient import RedisConnection, RedisError
+
+log = logging.getLogger(__name__)
+BATCH = 256
+WRITE_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One decision as logged. Ids are the keyed hashes used in Redis, never raw ids."""
+
+    decision_id: str
+    at: float
+    refund: str
+    account: str
+    merchant: str
+    order: str
+    device: str
+    ip: str
+    features: Sequence[float]
+    score: float | None
+    model_version: str
+    decision: str
+    reasons: Sequence[str]
+    degraded: bool
+    latency_ms: float
+
+    def to_json(self) -> str:
+        """Compact JSON; NaN features as null."""
+        body: dict[str, Any] = {
+            "decision_id": self.decision_id, "at": self.at, "refund": self.refund,
+            "account": self.account, "merchant": self.merchant, "order": self.order,
+            "device": self.device or None, "ip": self.ip or None,
+            "features": [None if math.isnan(v) else v for v in self.features],
+            "score": self.score, "model_version": self.model_version, "decision": self.decision,
+            "reasons": list(self.reasons), "degraded": self.degraded,
+            "latency_ms": round(self.latency_ms, 3),
+        }
+        return json.dumps(body, separators=(",", ":"))
+
+
+class DecisionLog:
+    """Bounded queue + background writer to the stream ``key``."""
+
+    def __init__(self, conn: RedisConnection, key: str, *, maxlen: int, queue_size: int,
+                 on_drop: Callable[[int], None] | None = None) -> None:
+        self.conn = conn
+        self.key = key
+        self.maxlen = maxlen
+        self._queue: asyncio.Queue[DecisionRecord] = asyncio.Queue(maxsize=queue_size)
+        self._on_drop = on_drop
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def submit(self, record: DecisionRecord) -> None:
+        """Queue a decision for the log; never blocks, drops (and counts) when full."""
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self._drop(1)
+
+    def start(self) -> None:
+        """Start the background writer on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            await self._write(batch)
+
+    async def _write(self, batch: list[DecisionRecord]) -> None:
+        commands = [("XADD", self.key, "MAXLEN", "~", self.maxlen, "*", "d", r.to_json())
+                    for r in batch]
+        try:
+            replies = await self.conn.call(commands, WRITE_TIMEOUT_S)
+        except RedisError:
+            self._drop(len(batch))
+            return
+        failed = sum(1 for r in replies if not isinstance(r, bytes))
+        self.written += len(batch) - failed
+        if failed:
+            self._drop(failed)
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        if self._on_drop is not None:
+            self._on_drop(n)
+
+    async def flush(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued now (shutdown, tests)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._queue.empty() and time.monotonic() < deadline:
+            batch = []
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._write(batch)
+
+    async def close(self) -> None:
+        """Flush, then stop the writer."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()

@@ -1,0 +1,205 @@
+"""OpenTelemetry for the gate, set up in one place: traces, metrics, and their exporters.
+
+Traces: the server span of each RefundGate call follows the RPC semantic conventions
+(``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``) and continues the
+caller's trace from W3C ``traceparent`` metadata. Children: ``velocity``, ``score``, ``policy``.
+Sampling is the SDK's, configured by ``OTEL_TRACES_SAMPLER``/``_ARG``; the default here is
+parent-based with a 1 % ratio for root spans. Health checks are not traced. Spans carry decision,
+model version, degraded, breaker state and stage latencies — never ids, amounts or bodies.
+
+Export happens only when configured through the standard variables: OTLP when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the per-signal variant) is set, nothing otherwise. Metrics
+are also served for Prometheus on the admin address (localhost by default).
+
+The hot path pays for one sampler decision per call and a handful of histogram records; spans
+below the server span exist only when it is sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import Counter, Histogram, Meter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT_RATIO = 0.01
+# Seconds; fine below the millisecond budget, coarse above it.
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+                   0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+# Server-side codes that mean the server failed (OpenTelemetry RPC conventions); the others
+# (INVALID_ARGUMENT, ALREADY_EXISTS, ...) are the caller's business and leave the span unset.
+_SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
+
+
+def _otlp_configured(signal: str) -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+
+
+@dataclass(frozen=True, slots=True)
+class Instruments:
+    """Every metric the gate records, created once."""
+
+    check_duration: Histogram
+    stage_duration: Histogram
+    decisions: Counter
+    redis_errors: Counter
+    shed: Counter
+    invalid: Counter
+    replays: Counter
+    model_loads: Counter
+    decision_log_dropped: Counter
+
+
+class Telemetry:
+    """Tracer, meter and instruments of one gate process."""
+
+    def __init__(self, *, service_name: str = "refund-gate", prometheus: bool = True,
+                 metric_readers: tuple[MetricReader, ...] = ()) -> None:
+        resource = Resource.create({"service.name": service_name})
+        self.tracer_provider = _tracer_provider(resource)
+        self.tracer = self.tracer_provider.get_tracer("gate")
+        readers = list(metric_readers)
+        if prometheus:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            readers.append(PrometheusMetricReader())
+        if _otlp_configured("METRICS"):
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        self.meter_provider = MeterProvider(
+            resource=resource, metric_readers=readers,
+            views=[View(instrument_type=Histogram,
+                        aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS))])
+        self.meter = self.meter_provider.get_meter("gate")
+        self.m = _instruments(self.meter)
+
+    @contextlib.contextmanager
+    def server_span(self, full_method: str, context: grpc.aio.ServicerContext) -> Iterator[Span]:
+        """The SERVER span of one call, continuing the caller's trace if it sent one."""
+        carrier = _trace_headers(context.invocation_metadata())
+        parent = propagate.extract(carrier) if carrier else None
+        service, _, method = full_method.lstrip("/").partition("/")
+        span = self.tracer.start_span(
+            full_method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+        code = grpc.StatusCode.OK
+        try:
+            with trace.use_span(span, end_on_exit=False, record_exception=False,
+                                set_status_on_exception=False):
+                yield span
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+            raise
+        except BaseException:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            if span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in _SERVER_ERRORS:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, parent: Span) -> Iterator[Span | None]:
+        """A child span for one step, only when the call is sampled."""
+        if not parent.is_recording():
+            yield None
+            return
+        with self.tracer.start_as_current_span(name, record_exception=False) as span:
+            yield span
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def _tracer_provider(resource: Resource) -> TracerProvider:
+    sampler = None
+    if "OTEL_TRACES_SAMPLER" not in os.environ:
+        sampler = ParentBased(TraceIdRatioBased(DEFAULT_ROOT_RATIO))
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    if _otlp_configured("TRACES"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+def _trace_headers(metadata: Any) -> dict[str, str] | None:
+    if not metadata:
+        return None
+    carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate")}
+    return carrier or None
+
+
+def _instruments(meter: Meter) -> Instruments:
+    return Instruments(
+        check_duration=meter.create_histogram(
+            "refundgate.check.duration", unit="s",
+            description="Check latency inside the gate, by decision (or error code)"),
+        stage_duration=meter.create_histogram(
+            "refundgate.stage.duration", unit="s",
+            description="Latency of one Check step: velocity, score, policy"),
+        decisions=meter.create_counter(
+            "refundgate.decisions", description="Decisions by outcome, model version, degraded"),
+        redis_errors=meter.create_counter(
+            "refundgate.redis.errors", description="Velocity store failures by kind"),
+        shed=meter.create_counter(
+            "refundgate.shed", description="Calls refused with RESOURCE_EXHAUSTED (overload)"),
+        invalid=meter.create_counter(
+            "refundgate.invalid_requests", description="INVALID_ARGUMENT answers by method"),
+        replays=meter.create_counter(
+            "refundgate.replays", description="Retries answered from the stored decision"),
+        model_loads=meter.create_counter(
+            "refundgate.model.loads", description="Model bundle loads by result (loaded, refused)"),
+        decision_log_dropped=meter.create_counter(
+            "refundgate.decision_log.dropped",
+            description="Decisions not written to the decision log (queue full or Redis down)"),
+    )
+
+
+def observe_breaker(meter: Meter, is_open: Any) -> None:
+    """Export the breaker state as a gauge (1 = open) read at collection time."""
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    def read(_: CallbackOptions) -> list[Observation]:
+        return [Observation(1 if is_open() else 0)]
+
+    meter.create_observable_gauge("refundgate.breaker.open", callbacks=[read],
+                                  description="1 while the velocity store's breaker is open")
+
+
+def start_prometheus_server(address: str) -> Any:
+    """Serve /metrics for Prometheus on ``host:port`` (the admin address)."""
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"))
+    return server
+
+
+def attributes(**values: Any) -> Mapping[str, Any]:
+    """Span/metric attributes without None values."""
+    return {k: v for k, v in values.items() if v is not None}
