@@ -435,7 +435,11 @@ class Population:
 # Measurement
 # ---------------------------------------------------------------------------------------------
 
-REDIS_COMMANDS = ("evalsha", "get", "set")
+# Top-level commands a Check sends: the velocity round trip (GET of a stored answer, one EVALSHA
+# per entity), SET of the answer for retries, and XADD of the decision log. Commands run inside
+# the scripts are counted by Redis too, but their time is already inside EVALSHA's.
+VELOCITY_COMMANDS = ("evalsha", "get", "set")
+REDIS_COMMANDS = (*VELOCITY_COMMANDS, "xadd")
 
 
 @dataclass
@@ -520,11 +524,13 @@ def redis_cost(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]],
         return calls1 - calls0, usec1 - usec0
 
     per = {cmd: delta(cmd) for cmd in REDIS_COMMANDS}
-    calls = sum(c for c, _ in per.values())
-    usec = sum(u for _, u in per.values())
+    calls = sum(per[cmd][0] for cmd in VELOCITY_COMMANDS)
+    usec = sum(per[cmd][1] for cmd in VELOCITY_COMMANDS)
     ev_calls, ev_usec = per["evalsha"]
     return {
         "us_per_call": round(usec / n, 2),
+        "us_per_call_with_decision_log": round((usec + per["xadd"][1]) / n, 2),
+        "xadd_us_per_call": round(per["xadd"][1] / n, 2),
         "commands_per_call": round(calls / n, 3),
         "evalsha_us_per_command": round(ev_usec / ev_calls, 2) if ev_calls else None,
         "evalsha_per_call": round(ev_calls / n, 3),
@@ -763,7 +769,7 @@ async def script_breakdown(load: Load, concurrency: int, duration_s: float) -> d
             op = cmd[3 + nkeys].decode() if len(cmd) > 3 + nkeys else "?"
             durations[f"{names.get(cmd[1].decode(), cmd[1].decode()[:8])}:{op}"].append(
                 entry["duration"])
-        elif verb in ("GET", "SET"):
+        elif verb in ("GET", "SET", "XADD"):
             durations[verb].append(entry["duration"])
     checks = step["cost"].get("calls") or 1
     out: dict[str, Any] = {"concurrency": concurrency, "checks": checks, "scripts": {}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -203,6 +204,8 @@ async def _run(settings: Settings, bundle: Bundle, reuse_port: bool, worker: int
         log.info("metrics endpoint", extra={"address": address})
     gate = create_gate(settings, bundle, reuse_port=reuse_port, telemetry=telemetry)
     telemetry.m.model_loads.add(1, {"result": "loaded"})
+    gc.collect()
+    gc.freeze()  # start-up objects (model, tables, modules) leave the collector's scans for good
     await gate.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

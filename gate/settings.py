@@ -48,9 +48,9 @@ class Settings:
         "Time one Check may take end to end, unless the caller's deadline is shorter."))
     deadline_margin_ms: float = field(default=2.0, metadata=_meta(
         "Kept back from the caller's deadline for the response to travel back."))
-    score_reserve_ms: float = field(default=2.0, metadata=_meta(
-        "Kept back from the budget for scoring, policy and the response after Redis (it also "
-        "covers the event loop's ~1 ms timer granularity)."))
+    score_reserve_ms: float = field(default=3.0, metadata=_meta(
+        "Kept back from the budget for scoring, policy and the response after Redis; it also "
+        "covers the event loop's ~1 ms timer granularity and the gRPC work outside the handler."))
     breaker_failures: int = field(default=5, metadata=_meta(
         "Consecutive Redis failures that open the circuit breaker (then Checks skip Redis)."))
     allow_client_time: bool = field(default=False, metadata=_meta(
