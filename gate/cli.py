@@ -202,6 +202,25 @@ def cmd_blocklist(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decisions(args: argparse.Namespace) -> int:
+    """Print the last decisions of the decision log (JSON lines), optionally following it."""
+    import redis
+
+    settings = _settings_from(args)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    key = f"{settings.key_prefix}:decisions"
+    entries = list(reversed(client.xrevrange(key, count=args.n)))  # type: ignore[arg-type]
+    for _, fields in entries:
+        print(fields[b"d"].decode(), flush=True)
+    last = entries[-1][0] if entries else b"$"
+    while args.follow:
+        for _, items in client.xread({key: last}, block=1000) or []:  # type: ignore[union-attr]
+            for entry_id, fields in items:
+                print(fields[b"d"].decode(), flush=True)
+                last = entry_id
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="refund-gate", description=__doc__.splitlines()[0])
@@ -234,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_block.add_argument("--ttl-days", type=float)
     _add_settings_flags(p_block)
     p_block.set_defaults(func=cmd_blocklist)
+
+    p_dec = sub.add_parser("decisions", help="read the decision log")
+    p_dec.add_argument("action", choices=("tail",))
+    p_dec.add_argument("-n", type=int, default=20, help="how many of the latest to print")
+    p_dec.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
+    _add_settings_flags(p_dec)
+    p_dec.set_defaults(func=cmd_decisions)
     return parser
 
 
