@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTO_SRC := proto/refundgate/v1/refund_gate.proto
+PROTO_SRC := proto/refundgate/v1/refund_gate.proto proto/refundgate/v1/admin.proto
 PROTO_OUT := .
 
 .PHONY: all venv run test lint typecheck proto proto-check bench train clean

@@ -53,8 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Validate settings, load and verify the model bundle, then serve until SIGTERM."""
     import logging
 
-    from gate.bundle import BundleError, load_bundle
+    from gate.bundle import BundleError
     from gate.logs import setup_logging
+    from gate.reloader import ModelHolder, ModelWatcher
     from gate.server import serve
     from gate.settings import SettingsError
 
@@ -68,15 +69,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("settings", extra={"settings": settings.describe()})
     if settings.uses_dev_key:
         log.warning("ids are hashed with the public dev key; set GATE_ID_HASH_KEY in production")
+    watcher = ModelWatcher(settings.model_dir, ModelHolder(), poll_s=settings.model_poll_s)
     try:
-        bundle = load_bundle(settings.model_dir)
+        bundle = watcher.load_initial()
     except BundleError as exc:
         log.error("model bundle refused", extra={"reason": str(exc)})
         print(f"refund-gate: model bundle refused: {exc}", file=sys.stderr)
         return 2
-    log.info("model loaded", extra={"model_version": bundle.version,
-                                    "engine": bundle.model.engine})
-    serve(settings, bundle)
+    if bundle.model.fallback_reason:
+        log.warning("compiled model not used", extra={"reason": bundle.model.fallback_reason})
+    serve(settings, watcher)
     return 0
 
 

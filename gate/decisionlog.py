@@ -46,6 +46,7 @@ class DecisionRecord:
     reasons: Sequence[str]
     degraded: bool
     latency_ms: float
+    shadow: tuple[str, float, str] | None = None  # version, score, would-be decision
 
     def to_json(self) -> str:
         """Compact JSON; NaN features as null."""
@@ -58,6 +59,9 @@ class DecisionRecord:
             "reasons": list(self.reasons), "degraded": self.degraded,
             "latency_ms": round(self.latency_ms, 3),
         }
+        if self.shadow is not None:
+            body["shadow"] = {"model_version": self.shadow[0], "score": self.shadow[1],
+                              "decision": self.shadow[2]}
         return json.dumps(body, separators=(",", ":"))
 
 

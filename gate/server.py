@@ -30,15 +30,18 @@ from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog
 from gate.logs import setup_logging
 from gate.redisclient import RedisAddress, RedisConnection, RedisError
-from gate.service import ModelHolder, RefundGateService, bad_request_status
+from gate.reloader import ModelHolder, ModelWatcher
+from gate.service import RefundGateService, bad_request_status
 from gate.settings import Settings
 from gate.telemetry import Telemetry, observe_breaker, start_prometheus_server
 from gate.validation import ValidationError, Violation
 from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
+from refundgate.v1 import admin_pb2, admin_pb2_grpc
 from refundgate.v1 import refund_gate_pb2 as pb
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GateAdmin"].full_name
 VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
 """Health entry of the velocity store: NOT_SERVING while its circuit breaker is open. The
 service itself stays SERVING then: it answers, degraded, within its budget."""
@@ -77,6 +80,33 @@ def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
         handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
 
 
+class GateAdminService(admin_pb2_grpc.GateAdminServicer):
+    """Operators' view of the gate's models."""
+
+    def __init__(self, holder: ModelHolder) -> None:
+        self.holder = holder
+
+    async def GetModelStatus(
+        self, request: admin_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ModelStatus:
+        """Live, shadow and previous bundles and the last refusal."""
+        h = self.holder
+        status = admin_pb2.ModelStatus(refusals=h.refusals, reloads=h.reloads)
+        for field, bundle in (("live", h.bundle), ("shadow", h.shadow), ("previous", h.previous)):
+            if bundle is not None:
+                info = getattr(status, field)
+                info.version, info.path = bundle.version, str(bundle.path)
+                info.engine, info.num_trees = bundle.model.engine, bundle.model.num_trees
+                info.hold_threshold = bundle.thresholds.hold
+                info.reject_threshold = bundle.thresholds.reject
+                info.loaded_at.FromNanoseconds(int(bundle.loaded_at * 1e9))
+        if h.last_refusal is not None:
+            r = h.last_refusal
+            status.last_refusal.path, status.last_refusal.reason = r.path, r.reason
+            status.last_refusal.at.FromNanoseconds(int(r.at * 1e9))
+        return status
+
+
 @dataclass
 class Gate:
     """A built, not yet started gate: the server and the parts tests may want to reach."""
@@ -90,6 +120,7 @@ class Gate:
     models: ModelHolder
     telemetry: Telemetry
     decision_log: DecisionLog | None
+    watcher: ModelWatcher | None
     _tasks: list[asyncio.Task[None]]
 
     async def start(self) -> None:
@@ -98,6 +129,8 @@ class Gate:
         await self.health.set(VELOCITY_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.decision_log is not None:
             self.decision_log.start()
+        if self.watcher is not None:
+            self.watcher.start()
         await self.server.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._become_ready()))
 
@@ -133,6 +166,8 @@ class Gate:
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then close."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.watcher is not None:
+            await self.watcher.close()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -144,14 +179,20 @@ class Gate:
         await self.redis.close()
 
 
-def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool = False,
-                telemetry: Telemetry | None = None) -> Gate:
+def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
+                reuse_port: bool = False, telemetry: Telemetry | None = None) -> Gate:
     """Build the server on ``settings.listen`` (port 0 picks a free one).
 
-    Without ``telemetry`` a private one is made with no Prometheus reader (tests build many
-    gates in one process; the Prometheus registry is process-wide).
+    ``models`` is a watcher (hot reload of the model directory), a fixed bundle, or None (the
+    gate then answers UNAVAILABLE). Without ``telemetry`` a private one is made with no
+    Prometheus reader (tests build many gates in one process; that registry is process-wide).
     """
     telemetry = telemetry or Telemetry(prometheus=False)
+    watcher = models if isinstance(models, ModelWatcher) else None
+    holder = watcher.holder if watcher is not None else ModelHolder(
+        models if isinstance(models, Bundle) else None)
+    if watcher is not None:
+        watcher.on_result = lambda result: telemetry.m.model_loads.add(1, {"result": result})
     redis = RedisConnection(
         RedisAddress.from_url(settings.redis_url),
         connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
@@ -162,7 +203,6 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
                              failure_threshold=settings.breaker_failures)
     store = VelocityStore(redis, prefix=settings.key_prefix, hasher=IdHasher(settings.id_hash_key),
                           replay_ttl_s=settings.replay_ttl_s, breaker=breaker)
-    models = ModelHolder(bundle)
     decision_log = None
     if settings.decision_log:
         decision_log = DecisionLog(
@@ -170,7 +210,7 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
             queue_size=settings.decision_log_queue,
             on_drop=lambda n: telemetry.m.decision_log_dropped.add(n))
     observe_breaker(telemetry.meter, lambda: not breaker.allow())
-    service = RefundGateService(settings, store, models, telemetry, decision_log)
+    service = RefundGateService(settings, store, holder, telemetry, decision_log)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -181,28 +221,31 @@ def create_gate(settings: Settings, bundle: Bundle | None, *, reuse_port: bool =
         "Check": _unary(service.Check, pb.CheckRequest, telemetry),
         "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest, telemetry),
     }),))
+    admin_pb2_grpc.add_GateAdminServicer_to_server(GateAdminService(holder), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, ADMIN_SERVICE_NAME,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"cannot bind {settings.listen}")
-    gate = Gate(server, port, service, health_servicer, redis, breaker, models, telemetry,
-                decision_log, [])
+    gate = Gate(server, port, service, health_servicer, redis, breaker, holder, telemetry,
+                decision_log, watcher, [])
     breaker.on_change = gate.on_breaker_change
     return gate
 
 
-async def _run(settings: Settings, bundle: Bundle, reuse_port: bool, worker: int = 0) -> None:
+async def _run(settings: Settings, watcher: ModelWatcher, reuse_port: bool,
+               worker: int = 0) -> None:
     telemetry = Telemetry(prometheus=bool(settings.admin_listen))
     if settings.admin_listen:
         host, _, port = settings.admin_listen.rpartition(":")
         address = f"{host}:{int(port) + worker if int(port) else 0}"
         start_prometheus_server(address)
         log.info("metrics endpoint", extra={"address": address})
-    gate = create_gate(settings, bundle, reuse_port=reuse_port, telemetry=telemetry)
+    gate = create_gate(settings, watcher, reuse_port=reuse_port, telemetry=telemetry)
     telemetry.m.model_loads.add(1, {"result": "loaded"})
     gc.collect()
     gc.freeze()  # start-up objects (model, tables, modules) leave the collector's scans for good
@@ -217,10 +260,13 @@ async def _run(settings: Settings, bundle: Bundle, reuse_port: bool, worker: int
     telemetry.shutdown()
 
 
-def serve(settings: Settings, bundle: Bundle) -> None:
-    """Run until SIGTERM/SIGINT; with workers > 1, fork that many processes sharing the port."""
+def serve(settings: Settings, watcher: ModelWatcher) -> None:
+    """Run until SIGTERM/SIGINT; with workers > 1, fork that many processes sharing the port.
+
+    The watcher has loaded the models already; each worker then watches the directory itself.
+    """
     if settings.workers == 1:
-        asyncio.run(_run(settings, bundle, reuse_port=False))
+        asyncio.run(_run(settings, watcher, reuse_port=False))
         return
     _check_port_free(settings.listen)
     children: list[int] = []
@@ -229,7 +275,7 @@ def serve(settings: Settings, bundle: Bundle) -> None:
         if pid == 0:
             try:
                 setup_logging(settings.log_level)  # the parent's log writer thread did not fork
-                asyncio.run(_run(settings, bundle, reuse_port=True, worker=worker))
+                asyncio.run(_run(settings, watcher, reuse_port=True, worker=worker))
             finally:
                 os._exit(0)
         children.append(pid)

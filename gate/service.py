@@ -29,6 +29,7 @@ from gate import features, policy
 from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog, DecisionRecord
 from gate.redisclient import RedisError, RedisTimeout, RedisUnavailable
+from gate.reloader import ModelHolder
 from gate.settings import Settings
 from gate.telemetry import Telemetry
 from gate.validation import ValidationError, validate_check, validate_events
@@ -44,15 +45,7 @@ _OUTCOMES = {v: k for k, v in _DECISIONS.items()}
 _REPLY_MAGIC = b"rg1"
 _FP_LEN = 16
 EVENTS_TIMEOUT_S = 2.0
-
-
-class ModelHolder:
-    """The live bundle; swapped with one reference assignment, read once per request."""
-
-    __slots__ = ("bundle",)
-
-    def __init__(self, bundle: Bundle | None = None) -> None:
-        self.bundle = bundle
+SHADOW_MIN_S = 0.001  # budget that must be left to score the shadow model; otherwise skip it
 
 
 @dataclass(slots=True)
@@ -187,7 +180,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         except ValidationError as err:
             self.metrics.invalid.add(1, {"method": "Check"})
             await context.abort_with_status(bad_request_status(err))
-        bundle = self.models.bundle
+        bundle, shadow = self.models.bundle, self.models.shadow  # read once: one model per call
         if bundle is None:
             await _fail(context, grpc.StatusCode.UNAVAILABLE, "no valid model loaded")
 
@@ -205,7 +198,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         mine = _InFlight(fp, asyncio.get_running_loop().create_future())
         self._in_flight[facts.refund] = mine
         try:
-            response = await self._decide(request, context, bundle, rf, facts, fp, started)
+            response = await self._decide(request, context, bundle, shadow, rf, facts, fp,
+                                          started)
             mine.future.set_result(response)
             return response
         except asyncio.CancelledError:
@@ -246,7 +240,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
 
     async def _decide(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, bundle: Bundle,
-        rf: features.RequestFeatures, facts: RefundFacts, fp: bytes, started: float,
+        shadow: Bundle | None, rf: features.RequestFeatures, facts: RefundFacts, fp: bytes,
+        started: float,
     ) -> pb.CheckResponse:
         tel, m = self.telemetry, self.metrics
         span = trace.get_current_span()
@@ -272,17 +267,16 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         t2 = time.monotonic()
         m.stage_duration.record(t2 - t1, {"stage": "score"})
         account = counters.get("account")
+        facts_for_rules = policy.Facts(
+            amount_minor=request.amount_minor,
+            order_amount_minor=request.order_amount_minor,
+            order_amount_asked=account["order_amount"] if account else None,
+            blocked=velocity.blocked if velocity is not None else (),
+            degraded=degraded,
+        )
         with tel.stage("policy", span):
             verdict = policy.decide(
-                score, bundle.thresholds,
-                policy.Facts(
-                    amount_minor=request.amount_minor,
-                    order_amount_minor=request.order_amount_minor,
-                    order_amount_asked=account["order_amount"] if account else None,
-                    blocked=velocity.blocked if velocity is not None else (),
-                    degraded=degraded,
-                ),
-                self.degraded_policy,
+                score, bundle.thresholds, facts_for_rules, self.degraded_policy,
                 explain=lambda: model.contributions(model.last_leaves()).tolist(),
             )
         t3 = time.monotonic()
@@ -311,13 +305,24 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         )
         if status == Status.COUNTED and not degraded:
             self.store.store_reply(facts.refund, pack_reply(fp, response))
-        if self.decision_log is not None and status != Status.DUPLICATE:
+        if status == Status.DUPLICATE:
+            return response  # the original's decision is the one on record
+        shadow_verdict: tuple[str, float, str] | None = None
+        if shadow is not None and self._budget_s(started, context) > SHADOW_MIN_S:
+            shadow_score = shadow.model.score(row)
+            would = policy.decide(shadow_score, shadow.thresholds, facts_for_rules,
+                                  self.degraded_policy).decision
+            shadow_verdict = (shadow.version, shadow_score, would)
+            m.shadow.add(1, {"shadow_version": shadow.version,
+                             "agree": would == verdict.decision})
+        if self.decision_log is not None:
             self.decision_log.submit(DecisionRecord(
                 decision_id=response.decision_id, at=facts.at_ms / 1000.0, refund=facts.refund,
                 account=facts.account, merchant=facts.merchant, order=facts.order,
                 device=facts.device, ip=facts.ip, features=row, score=score,
                 model_version=bundle.version, decision=verdict.decision, reasons=verdict.reasons,
-                degraded=degraded, latency_ms=(time.monotonic() - started) * 1000.0))
+                degraded=degraded, latency_ms=(time.monotonic() - started) * 1000.0,
+                shadow=shadow_verdict))
         return response
 
     async def _replay(

@@ -18,7 +18,7 @@ DEV_ID_KEY = "refund-gate-dev-key-not-secret"
 """Key for hashing ids before they reach Redis. Fine for a laptop, never for production:
 set ``GATE_ID_HASH_KEY`` to a secret so that a Redis dump cannot be joined back to account ids."""
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model" / "bundles" / "current"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model" / "bundles"
 
 
 class SettingsError(ValueError):
@@ -43,7 +43,10 @@ class Settings:
     redis_connect_timeout_ms: float = field(default=200.0, metadata=_meta(
         "Time allowed to open a Redis connection; off the hot path, in the background."))
     model_dir: Path = field(default=DEFAULT_MODEL_DIR, metadata=_meta(
-        "Model bundle to serve (a bundle directory or a symlink to one)."))
+        "Directory with 'current' (and optionally 'shadow'): symlinks or directories holding "
+        "model bundles, watched and hot-reloaded; or a single bundle directory."))
+    model_poll_s: float = field(default=1.0, metadata=_meta(
+        "How often the model directory is checked for a new bundle."))
     budget_ms: float = field(default=25.0, metadata=_meta(
         "Time one Check may take end to end, unless the caller's deadline is shorter."))
     deadline_margin_ms: float = field(default=2.0, metadata=_meta(
@@ -126,6 +129,8 @@ class Settings:
             problems.append("key_prefix must be non-empty and contain no braces")
         if self.replay_ttl_s < 60:
             problems.append("replay_ttl_s must be >= 60")
+        if self.model_poll_s <= 0:
+            problems.append("model_poll_s must be > 0")
         if self.breaker_failures < 1:
             problems.append("breaker_failures must be >= 1")
         if self.max_concurrency < 1 or self.max_events_per_call < 1:

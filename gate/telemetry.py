@@ -66,6 +66,7 @@ class Instruments:
     invalid: Counter
     replays: Counter
     model_loads: Counter
+    shadow: Counter
     decision_log_dropped: Counter
 
 
@@ -174,6 +175,9 @@ def _instruments(meter: Meter) -> Instruments:
             "refundgate.replays", description="Retries answered from the stored decision"),
         model_loads=meter.create_counter(
             "refundgate.model.loads", description="Model bundle loads by result (loaded, refused)"),
+        shadow=meter.create_counter(
+            "refundgate.shadow.decisions",
+            description="Shadow model verdicts by shadow version and agreement with the live one"),
         decision_log_dropped=meter.create_counter(
             "refundgate.decision_log.dropped",
             description="Decisions not written to the decision log (queue full or Redis down)"),

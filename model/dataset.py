@@ -29,12 +29,20 @@ TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class Dataset:
-    """Feature rows of every simulated refund request, with labels, scenarios and times."""
+    """Feature rows of every simulated refund request, with labels, scenarios and times.
+
+    ``amount``, ``order_amount`` and ``order_asked`` (all requests against the order so far, this
+    one included, as the account script counted them) are what the gate's guard rules look at
+    besides the row (``gate.policy.Facts``), so evaluation can decide exactly as the gate does.
+    """
 
     X: np.ndarray
     y: np.ndarray
     scenario: np.ndarray
     at: np.ndarray
+    amount: np.ndarray
+    order_amount: np.ndarray
+    order_asked: np.ndarray
 
     def __len__(self) -> int:
         return len(self.y)
@@ -49,6 +57,9 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
     store = VelocityStore(conn, prefix="train", hasher=IdHasher(id_hash_key),
                           replay_ttl_s=86400)
     rows: list[list[float]] = []
+    amounts: list[int] = []
+    order_amounts: list[int] = []
+    asked: list[int] = []
     labels: list[int] = []
     scenarios: list[str] = []
     times: list[float] = []
@@ -68,9 +79,11 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
         at = validate_check(req, now_s=0.0, allow_client_time=True, skew_s=0.0)
         rf, facts = prepare(store, req, at)
         velocity, row, _ = await observe(store, rf, facts, TIMEOUT_S)
-        if velocity is None or not velocity.complete:
+        account = velocity.counters.get("account") if velocity is not None else None
+        if velocity is None or not velocity.complete or account is None:
             raise RuntimeError("velocity store failed while building the training set")
         rows[slot] = row
+        asked[slot] = account["order_amount"]
 
     n = 0
     for n, rec in enumerate(records, 1):
@@ -82,6 +95,9 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
         assert rec.check is not None
         flush_events()
         rows.append([])
+        amounts.append(rec.check.amount_minor)
+        order_amounts.append(rec.check.order_amount_minor)
+        asked.append(0)
         labels.append(rec.label)
         scenarios.append(rec.scenario)
         times.append(rec.at)
@@ -98,4 +114,7 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
     print(f"  replayed {n:,} records ({len(rows):,} refunds) in "
           f"{time.monotonic() - started:.0f} s", file=sys.stderr)
     return Dataset(np.asarray(rows, dtype=np.float64), np.asarray(labels, dtype=np.int8),
-                   np.asarray(scenarios), np.asarray(times))
+                   np.asarray(scenarios), np.asarray(times),
+                   amount=np.asarray(amounts, dtype=np.int64),
+                   order_amount=np.asarray(order_amounts, dtype=np.int64),
+                   order_asked=np.asarray(asked, dtype=np.int64))

@@ -61,10 +61,19 @@ def test_blocklist_round_trip(redis_proc: RedisProcess, rdb: object) -> None:
 
 
 def test_serve_refuses_a_bad_bundle_loudly(tmp_path: Path, redis_proc: RedisProcess) -> None:
+    (tmp_path / "manifest.json").write_text("{")
     out = run_cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--model-dir",
                   str(tmp_path), "--redis-url", redis_proc.url)
     assert out.returncode == 2
-    assert "model bundle refused" in out.stderr and "no manifest.json" in out.stderr
+    assert "model bundle refused" in out.stderr and "not valid JSON" in out.stderr
+
+
+def test_serve_refuses_a_model_dir_without_current(tmp_path: Path, redis_proc: RedisProcess
+                                                   ) -> None:
+    out = run_cli("serve", "--listen", f"127.0.0.1:{free_port()}", "--model-dir",
+                  str(tmp_path), "--redis-url", redis_proc.url)
+    assert out.returncode == 2
+    assert "no model bundle there" in out.stderr
 
 
 def test_serve_refuses_bad_settings() -> None:

@@ -92,7 +92,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer,
         self.metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.lock = threading.Lock()
 
-    def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    def Export(self, request, context):  # type: ignore[no-untyped-def]
         with self.lock:
             if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
                 self.traces.append(request)
