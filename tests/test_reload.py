@@ -91,7 +91,7 @@ async def test_swapping_current_loads_the_new_bundle_and_keeps_the_old(live: tup
 async def test_rollback_is_instant_because_the_previous_bundle_stays_loaded(
     live: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    running, watcher = live
+    _, watcher = live
     point(watcher.model_dir, "current", "b")
     await watcher.check()
     loads: list[Path] = []
@@ -179,7 +179,7 @@ async def test_twenty_reloads_under_load_fail_no_call_and_mix_no_models(
     models = {"test-model-1": watcher.holder.bundle.model}
     failures: list[grpc.StatusCode] = []
     responses: list[pb.CheckResponse] = []
-    stop = asyncio.Event()
+    stop, answered = asyncio.Event(), asyncio.Event()
 
     async def caller(k: int) -> None:
         n = 0
@@ -189,6 +189,7 @@ async def test_twenty_reloads_under_load_fail_no_call_and_mix_no_models(
                 responses.append(await running.stub.Check(
                     make_request(refund_id=f"rf:l{k}-{n}", order_id=f"o:l{k}-{n}",
                                  account_id=f"acct:l{k}")))
+                answered.set()
             except grpc.aio.AioRpcError as err:
                 failures.append(err.code())
 
@@ -202,7 +203,8 @@ async def test_twenty_reloads_under_load_fail_no_call_and_mix_no_models(
         models[expected] = watcher.holder.bundle.model
         settled = len(responses)
         while len(responses) < settled + 5:  # let traffic flow on this model
-            await asyncio.sleep(0)
+            answered.clear()
+            await answered.wait()
         after = responses[settled + 2:]  # calls admitted after the swap
         assert after and all(r.model_version == expected for r in after[-3:])
     stop.set()
