@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,8 +202,3 @@ def start_prometheus_server(address: str) -> Any:
     host, _, port = address.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host.strip("[]"))
     return server
-
-
-def attributes(**values: Any) -> Mapping[str, Any]:
-    """Span/metric attributes without None values."""
-    return {k: v for k, v in values.items() if v is not None}
