@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import json_format
@@ -211,12 +211,14 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     key = f"{settings.key_prefix}:decisions"
-    entries = list(reversed(client.xrevrange(key, count=args.n)))  # type: ignore[arg-type]
+    Entries = list[tuple[bytes, dict[bytes, bytes]]]
+    entries = cast(Entries, client.xrevrange(key, count=args.n))[::-1]
     for _, fields in entries:
         print(fields[b"d"].decode(), flush=True)
-    last = entries[-1][0] if entries else b"$"
+    last: bytes = entries[-1][0] if entries else b"$"
     while args.follow:
-        for _, items in client.xread({key: last}, block=1000) or []:  # type: ignore[union-attr]
+        streams = cast(list[tuple[bytes, Entries]], client.xread({key: last}, block=1000) or [])
+        for _, items in streams:
             for entry_id, fields in items:
                 print(fields[b"d"].decode(), flush=True)
                 last = entry_id
@@ -262,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_dec.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
     _add_settings_flags(p_dec)
     p_dec.set_defaults(func=cmd_decisions)
+
+    # Model owners' commands. gate.modelcli imports only the standard library at module level;
+    # its command functions import LightGBM, NumPy and redis-py when they run.
+    from gate.modelcli import add_model_commands
+
+    add_model_commands(sub)
     return parser
 
 

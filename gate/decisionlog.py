@@ -121,7 +121,7 @@ class DecisionLog:
         """Write what is queued now (shutdown, tests)."""
         deadline = time.monotonic() + timeout_s
         while not self._queue.empty() and time.monotonic() < deadline:
-            batch = []
+            batch: list[DecisionRecord] = []
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._write(batch)

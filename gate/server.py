@@ -239,8 +239,9 @@ def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
 
 async def _run(settings: Settings, watcher: ModelWatcher, reuse_port: bool,
                worker: int = 0) -> None:
-    telemetry = Telemetry(prometheus=bool(settings.admin_listen))
-    if settings.admin_listen:
+    telemetry = Telemetry(prometheus=bool(settings.admin_listen) and settings.telemetry,
+                          enabled=settings.telemetry)
+    if settings.admin_listen and settings.telemetry:
         host, _, port = settings.admin_listen.rpartition(":")
         address = f"{host}:{int(port) + worker if int(port) else 0}"
         start_prometheus_server(address)

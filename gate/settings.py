@@ -75,6 +75,8 @@ class Settings:
         "Largest request message accepted."))
     max_events_per_call: int = field(default=1000, metadata=_meta(
         "Largest RecordEvents batch."))
+    telemetry: bool = field(default=True, metadata=_meta(
+        "Traces and metrics (exported only as OTEL_* configures). Off only to measure their cost."))
     admin_listen: str = field(default="127.0.0.1:9464", metadata=_meta(
         "host:port of the admin HTTP endpoint (Prometheus /metrics); empty disables it. With "
         "several workers, worker i listens on port + i."))

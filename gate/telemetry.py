@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
-from opentelemetry.metrics import Counter, Histogram, Meter
+from opentelemetry.metrics import Counter, Histogram, Meter, NoOpMeter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -74,7 +74,15 @@ class Telemetry:
     """Tracer, meter and instruments of one gate process."""
 
     def __init__(self, *, service_name: str = "refund-gate", prometheus: bool = True,
-                 metric_readers: tuple[MetricReader, ...] = ()) -> None:
+                 metric_readers: tuple[MetricReader, ...] = (), enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:  # no-op API objects: what the hot path costs without telemetry
+            self.tracer_provider: TracerProvider | None = None
+            self.meter_provider: MeterProvider | None = None
+            self.tracer: trace.Tracer = trace.NoOpTracer()
+            self.meter: Meter = NoOpMeter("gate")
+            self.m = _instruments(self.meter)
+            return
         resource = Resource.create({"service.name": service_name})
         self.tracer_provider = _tracer_provider(resource)
         self.tracer = self.tracer_provider.get_tracer("gate")
@@ -132,8 +140,10 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush and stop exporters."""
-        self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
 
 
 def _tracer_provider(resource: Resource) -> TracerProvider:
