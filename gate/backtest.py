@@ -5,11 +5,11 @@ is replayed through the candidate: its logged feature row is scored (null meanin
 `gate.policy.decide` runs with the candidate's thresholds on `Facts` rebuilt from the record:
 
 * ``amount_minor`` = round(10 ** log10_amount); ``order_amount_minor`` = amount / refund_order_ratio;
-* ``order_amount_asked`` = order_refunded_ratio × order amount, when that feature is known;
+* ``order_amount_asked`` = order_refunded_ratio * order amount, when that feature is known;
 * ``blocked`` from the logged reasons BLOCKLISTED_ACCOUNT / _DEVICE / _IP; ``degraded`` as logged.
 
 A record that cannot be replayed (unreadable, a feature row of another length, no amounts) is
-skipped and counted by reason, never fatal. The result is a 3×3 transition matrix, logged
+skipped and counted by reason, never fatal. The result is a 3x3 transition matrix, logged
 decision → candidate decision, with the rates derived from it.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -34,6 +34,7 @@ DECISIONS = (APPROVE, HOLD, REJECT)
 BLOCK_REASONS = {"BLOCKLISTED_ACCOUNT": "account", "BLOCKLISTED_DEVICE": "device",
                  "BLOCKLISTED_IP": "ip"}
 STREAM_CHUNK = 1000
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE of a client without decode_responses
 
 _AMOUNT = FEATURE_INDEX["log10_amount"]
 _REFUND_RATIO = FEATURE_INDEX["refund_order_ratio"]
@@ -191,7 +192,7 @@ def backtest(raw_records: Iterable[str | bytes], bundle: Bundle, degraded: Degra
 
 def read_jsonl(path: Path) -> Iterator[str]:
     """The non-blank lines of a JSONL export, one record each."""
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
             if line.strip():
                 yield line
@@ -204,7 +205,7 @@ def read_stream(client: redis.Redis, key: str, *, chunk: int = STREAM_CHUNK) -> 
     """
     start = "-"
     while True:
-        entries = client.xrange(key, min=start, max="+", count=chunk)
+        entries = cast(_Entries, client.xrange(key, min=start, max="+", count=chunk))
         for _, fields in entries:
             yield fields.get(b"d", b"")
         if len(entries) < chunk:
@@ -226,8 +227,8 @@ def format_report(report: BacktestReport) -> str:
     if not report.replayed:
         lines.append("nothing to compare: no record could be replayed")
         return "\n".join(lines)
-    return "\n".join(lines + [""] + _matrix_lines(report) + [""] + _change_lines(report)
-                     + [""] + _rate_lines(report))
+    sections = (_matrix_lines(report), _change_lines(report), _rate_lines(report))
+    return "\n".join([*lines, *(line for section in sections for line in ["", *section])])
 
 
 def _matrix_lines(report: BacktestReport) -> list[str]:

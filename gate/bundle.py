@@ -136,7 +136,10 @@ def _verify_golden(version: str, golden_path: Path, engines: Sequence[Model]) ->
         raise BundleError(f"{version}: golden vectors are empty or do not match their scores")
     for model in engines:
         for i, (row, want) in enumerate(zip(rows, expected, strict=True)):
-            got = model.score(row)
+            try:
+                got = model.score(row)
+            except (ValueError, TypeError) as exc:
+                raise BundleError(f"{version}: golden row {i} cannot be scored ({exc})") from None
             if not abs(got - want) <= GOLDEN_TOLERANCE:
                 raise BundleError(f"{version}: the {model.engine} engine scores golden row {i} "
                                   f"as {got!r}, expected {want!r}")
