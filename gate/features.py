@@ -52,7 +52,7 @@ FEATURES: tuple[Feature, ...] = (
     _f("account_age_days", "request", "NEW_ACCOUNT", "Days since the account was created; NaN if unknown."),
     _f("reason_code", "request", "REFUND_REASON", "RefundReason enum number."),
     _f("item_category", "request", "ITEM_CATEGORY", "ItemCategory enum number."),
-    _f("delivery_status", "request", "NOT_RECEIVED_BUT_DELIVERED",
+    _f("delivery_status", "request", "DELIVERY_STATUS",
        "DeliveryStatus enum number; NaN if UNSPECIFIED."),
     _f("payment_method", "request", "PAYMENT_METHOD", "PaymentMethod enum number; NaN if UNSPECIFIED."),
     _f("item_returned", "request", "ITEM_NOT_RETURNED", "1 if the item came back to the merchant."),
@@ -91,7 +91,7 @@ FEATURES: tuple[Feature, ...] = (
        "Refund requests against this order, this one included."),
     _f("order_refunded_ratio", "account", "REFUND_EXCEEDS_ORDER",
        "Amount asked against this order so far, this request included / order amount."),
-    _f("order_delivered_event", "account", "NOT_RECEIVED_BUT_DELIVERED",
+    _f("order_delivered_event", "account", "DELIVERY_STATUS",
        "1 if an ORDER_DELIVERED event was recorded for this order."),
     # Device (NaN when the request has no device).
     _f("dev_accounts_24h", "device", "MANY_ACCOUNTS_ON_DEVICE", "Distinct accounts on the device, 24 h."),

@@ -30,6 +30,7 @@ REASON_DETAILS: dict[str, str] = {
     "ITEM_CATEGORY": "the item category is often abused in this context",
     "NOT_RECEIVED_BUT_DELIVERED": "'not received' claimed on an order logistics shows as delivered",
     "PAYMENT_METHOD": "the payment method is often abused in this context",
+    "DELIVERY_STATUS": "the order's delivery status is often abused in this context",
     "ITEM_NOT_RETURNED": "the item was not returned",
     "DIGITAL_GOODS_QUICK_REFUND": "digital goods refunded within an hour of purchase",
     "HIGH_REFUND_VELOCITY": "many refund requests in a short time",

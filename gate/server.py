@@ -152,7 +152,9 @@ class Gate:
                                        "model_version": self.models.bundle.version})
 
     def on_breaker_change(self, state: State) -> None:
-        """Mirror the breaker in the velocity health entry (called from the breaker)."""
+        """Mirror the breaker in the velocity health entry and count openings."""
+        if state is State.OPEN:
+            self.telemetry.m.breaker_opens.add(1)
         status = (health_pb2.HealthCheckResponse.SERVING if state is State.CLOSED
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         task = asyncio.get_running_loop().create_task(self.health.set(VELOCITY_HEALTH, status))
@@ -193,6 +195,8 @@ def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
         models if isinstance(models, Bundle) else None)
     if watcher is not None:
         watcher.on_result = lambda result: telemetry.m.model_loads.add(1, {"result": result})
+        if holder.refusals:  # refused before telemetry existed (e.g. a bad shadow at start-up)
+            telemetry.m.model_loads.add(holder.refusals, {"result": "refused"})
     redis = RedisConnection(
         RedisAddress.from_url(settings.redis_url),
         connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,

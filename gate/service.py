@@ -155,6 +155,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         started = time.monotonic()
         if self._active >= self.settings.max_concurrency:
             self.metrics.shed.add(1)
+            self.metrics.check_duration.record(time.monotonic() - started,
+                                               {"outcome": "RESOURCE_EXHAUSTED"})
             await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "gate overloaded, retry later")
         self._active += 1
         outcome = "INTERNAL"
@@ -227,6 +229,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         response = pb.CheckResponse()
         response.CopyFrom(future.result())
         response.replayed = True
+        self.metrics.replays.add(1)
         return response
 
     def _budget_s(self, started: float, context: grpc.aio.ServicerContext) -> float:
@@ -350,6 +353,22 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEventsResponse:
         """Count order and outcome events; all or nothing, a repeated event_id counts once."""
+        started = time.monotonic()
+        outcome = "INTERNAL"
+        try:
+            response = await self._record_events(request, context)
+            outcome = "OK"
+            return response
+        except grpc.aio.AbortError:
+            code = context.code()  # type: ignore[attr-defined]
+            outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+            raise
+        finally:
+            self.metrics.events_duration.record(time.monotonic() - started, {"outcome": outcome})
+
+    async def _record_events(
+        self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordEventsResponse:
         s = self.settings
         try:
             times = validate_events(request, now_s=self.clock(),

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT_RATIO = 0.01
 # Seconds; fine below the millisecond budget, coarse above it.
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
-                   0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+                   0.015, 0.02, 0.025, 0.03, 0.05, 0.1, 0.25, 1.0)
 # Server-side codes that mean the server failed (OpenTelemetry RPC conventions); the others
 # (INVALID_ARGUMENT, ALREADY_EXISTS, ...) are the caller's business and leave the span unset.
 _SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -59,9 +59,11 @@ class Instruments:
     """Every metric the gate records, created once."""
 
     check_duration: Histogram
+    events_duration: Histogram
     stage_duration: Histogram
     decisions: Counter
     redis_errors: Counter
+    breaker_opens: Counter
     shed: Counter
     invalid: Counter
     replays: Counter
@@ -83,7 +85,8 @@ class Telemetry:
             self.meter: Meter = NoOpMeter("gate")
             self.m = _instruments(self.meter)
             return
-        resource = Resource.create({"service.name": service_name})
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
         self.tracer_provider = _tracer_provider(resource)
         self.tracer = self.tracer_provider.get_tracer("gate")
         readers = list(metric_readers)
@@ -101,6 +104,7 @@ class Telemetry:
                         aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS))])
         self.meter = self.meter_provider.get_meter("gate")
         self.m = _instruments(self.meter)
+        _announce_series(self.m)
 
     @contextlib.contextmanager
     def server_span(self, full_method: str, context: grpc.aio.ServicerContext) -> Iterator[Span]:
@@ -170,6 +174,9 @@ def _instruments(meter: Meter) -> Instruments:
         check_duration=meter.create_histogram(
             "refundgate.check.duration", unit="s",
             description="Check latency inside the gate, by decision (or error code)"),
+        events_duration=meter.create_histogram(
+            "refundgate.record_events.duration", unit="s",
+            description="RecordEvents latency inside the gate, by outcome (OK or error code)"),
         stage_duration=meter.create_histogram(
             "refundgate.stage.duration", unit="s",
             description="Latency of one Check step: velocity, score, policy"),
@@ -177,6 +184,8 @@ def _instruments(meter: Meter) -> Instruments:
             "refundgate.decisions", description="Decisions by outcome, model version, degraded"),
         redis_errors=meter.create_counter(
             "refundgate.redis.errors", description="Velocity store failures by kind"),
+        breaker_opens=meter.create_counter(
+            "refundgate.breaker.opens", description="Times the velocity store's breaker opened"),
         shed=meter.create_counter(
             "refundgate.shed", description="Calls refused with RESOURCE_EXHAUSTED (overload)"),
         invalid=meter.create_counter(
@@ -192,6 +201,19 @@ def _instruments(meter: Meter) -> Instruments:
             "refundgate.decision_log.dropped",
             description="Decisions not written to the decision log (queue full or Redis down)"),
     )
+
+
+def _announce_series(m: Instruments) -> None:
+    """Export every counter series the alerts watch at 0 from the start: a series that first
+    appears already at 1 is invisible to increase(), so its first event would never alert."""
+    for result in ("loaded", "refused"):
+        m.model_loads.add(0, {"result": result})
+    for method in ("Check", "RecordEvents"):
+        m.invalid.add(0, {"method": method})
+    for kind in ("no_time", "timeout", "unavailable", "error", "script"):
+        m.redis_errors.add(0, {"kind": kind})
+    for counter in (m.shed, m.breaker_opens, m.decision_log_dropped, m.replays):
+        counter.add(0)
 
 
 def observe_breaker(meter: Meter, is_open: Any) -> None:
