@@ -193,7 +193,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         if waiting is not None:
             if waiting.fingerprint != fp:
                 await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
-                                    "refund_id was already used for a different request")
+                            "refund_id was already used for a different request")
             shared = await self._await_shared(waiting, started, context)
             if shared is not None:
                 return shared
@@ -341,7 +341,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                     self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S))
                 task.add_done_callback(_log_failure)
             await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
-                                "refund_id was already used for a different request")
+                        "refund_id was already used for a different request")
         if stored is not None:
             self.metrics.replays.add(1)
             response = stored[1]
@@ -386,7 +386,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         except RedisError as exc:
             self.metrics.redis_errors.add(1, {"kind": redis_problem(exc)})
             await _fail(context, grpc.StatusCode.UNAVAILABLE,
-                                "velocity store unavailable; retry, events are idempotent")
+                        "velocity store unavailable; retry, events are idempotent")
         accepted = sum(1 for st in statuses if st == Status.COUNTED)
         return pb.RecordEventsResponse(accepted=accepted, duplicates=len(statuses) - accepted)
 
