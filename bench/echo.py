@@ -33,8 +33,12 @@ MAX_MESSAGE_BYTES = 64 * 1024  # as gate.settings.Settings.max_message_bytes
 def fixed_response() -> pb.CheckResponse:
     """A CheckResponse shaped like a typical real answer (APPROVE with a score, no reasons)."""
     return pb.CheckResponse(
-        refund_id="rf:0123456789abcdef:000123", decision=pb.DECISION_APPROVE,
-        score=0.0123456789, model_version="echo-1", degraded=False, replayed=False,
+        refund_id="rf:0123456789abcdef:000123",
+        decision=pb.DECISION_APPROVE,
+        score=0.0123456789,
+        model_version="echo-1",
+        degraded=False,
+        replayed=False,
         decision_id="d-0123456789abcdef01234567",
     )
 
@@ -45,9 +49,7 @@ class EchoService(pb_grpc.RefundGateServicer):
     def __init__(self) -> None:
         self._response = fixed_response()
 
-    async def Check(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CheckResponse:
+    async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         """Answer the fixed response."""
         return self._response
 

@@ -64,7 +64,7 @@ def proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread, dead threads included) of a live process."""
     with open(f"/proc/{pid}/stat", "rb") as fh:
         stat = fh.read()
-    fields = stat[stat.rindex(b")") + 2:].split()
+    fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -89,7 +89,7 @@ def children(pid: int) -> list[int]:
                 with contextlib.suppress(OSError):
                     with open(f"/proc/{entry}/stat", "rb") as fh:
                         stat = fh.read()
-                    if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                    if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
                         found.append(int(entry))
     return sorted(set(found))
 
@@ -155,8 +155,10 @@ def new_channel(target: str) -> grpc.aio.Channel:
 async def health_status(channel: grpc.aio.Channel, timeout_s: float = 1.0) -> int:
     """The health status of RefundGate through this channel (raises grpc.RpcError)."""
     call = channel.unary_unary(
-        HEALTH_METHOD, request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        HEALTH_METHOD,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
     resp = await call(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
     return int(resp.status)
 
@@ -229,22 +231,69 @@ async def wait_ready(target: str, workers: Sequence[int], timeout_s: float) -> f
 # Realistic requests
 # ---------------------------------------------------------------------------------------------
 
-_CITIES = ("BER", "HAM", "MUC", "CGN", "FRA", "STR", "DUS", "LEJ", "DRS", "NUE", "PAR", "LYS",
-           "MAD", "BCN", "MIL", "ROM", "AMS", "RTM", "VIE", "ZRH", "WAW", "PRG", "CPH", "STO",
-           "OSL", "HEL", "LIS", "DUB", "BRU", "LON")
+_CITIES = (
+    "BER",
+    "HAM",
+    "MUC",
+    "CGN",
+    "FRA",
+    "STR",
+    "DUS",
+    "LEJ",
+    "DRS",
+    "NUE",
+    "PAR",
+    "LYS",
+    "MAD",
+    "BCN",
+    "MIL",
+    "ROM",
+    "AMS",
+    "RTM",
+    "VIE",
+    "ZRH",
+    "WAW",
+    "PRG",
+    "CPH",
+    "STO",
+    "OSL",
+    "HEL",
+    "LIS",
+    "DUB",
+    "BRU",
+    "LON",
+)
 _CURRENCIES = (("EUR", 0.82), ("USD", 0.08), ("GBP", 0.06), ("SEK", 0.04))
-_REASONS = ((pb.REFUND_REASON_ITEM_NOT_RECEIVED, 0.22), (pb.REFUND_REASON_DAMAGED, 0.18),
-            (pb.REFUND_REASON_NOT_AS_DESCRIBED, 0.2), (pb.REFUND_REASON_CHANGED_MIND, 0.27),
-            (pb.REFUND_REASON_DUPLICATE_CHARGE, 0.05), (pb.REFUND_REASON_OTHER, 0.08))
-_CATEGORIES = ((pb.ITEM_CATEGORY_PHYSICAL, 0.8), (pb.ITEM_CATEGORY_DIGITAL_GOODS, 0.12),
-               (pb.ITEM_CATEGORY_SERVICE, 0.08))
-_DELIVERY = ((pb.DELIVERY_STATUS_DELIVERED, 0.6), (pb.DELIVERY_STATUS_IN_TRANSIT, 0.14),
-             (pb.DELIVERY_STATUS_NOT_SHIPPED, 0.1), (pb.DELIVERY_STATUS_UNKNOWN, 0.16))
-_PAYMENTS = ((pb.PAYMENT_METHOD_CARD, 0.55), (pb.PAYMENT_METHOD_WALLET, 0.2),
-             (pb.PAYMENT_METHOD_BNPL, 0.1), (pb.PAYMENT_METHOD_BANK_TRANSFER, 0.08),
-             (pb.PAYMENT_METHOD_STORE_CREDIT, 0.04), (pb.PAYMENT_METHOD_OTHER, 0.03))
-_RETURNABLE = frozenset({pb.REFUND_REASON_DAMAGED, pb.REFUND_REASON_NOT_AS_DESCRIBED,
-                         pb.REFUND_REASON_CHANGED_MIND})
+_REASONS = (
+    (pb.REFUND_REASON_ITEM_NOT_RECEIVED, 0.22),
+    (pb.REFUND_REASON_DAMAGED, 0.18),
+    (pb.REFUND_REASON_NOT_AS_DESCRIBED, 0.2),
+    (pb.REFUND_REASON_CHANGED_MIND, 0.27),
+    (pb.REFUND_REASON_DUPLICATE_CHARGE, 0.05),
+    (pb.REFUND_REASON_OTHER, 0.08),
+)
+_CATEGORIES = (
+    (pb.ITEM_CATEGORY_PHYSICAL, 0.8),
+    (pb.ITEM_CATEGORY_DIGITAL_GOODS, 0.12),
+    (pb.ITEM_CATEGORY_SERVICE, 0.08),
+)
+_DELIVERY = (
+    (pb.DELIVERY_STATUS_DELIVERED, 0.6),
+    (pb.DELIVERY_STATUS_IN_TRANSIT, 0.14),
+    (pb.DELIVERY_STATUS_NOT_SHIPPED, 0.1),
+    (pb.DELIVERY_STATUS_UNKNOWN, 0.16),
+)
+_PAYMENTS = (
+    (pb.PAYMENT_METHOD_CARD, 0.55),
+    (pb.PAYMENT_METHOD_WALLET, 0.2),
+    (pb.PAYMENT_METHOD_BNPL, 0.1),
+    (pb.PAYMENT_METHOD_BANK_TRANSFER, 0.08),
+    (pb.PAYMENT_METHOD_STORE_CREDIT, 0.04),
+    (pb.PAYMENT_METHOD_OTHER, 0.03),
+)
+_RETURNABLE = frozenset(
+    {pb.REFUND_REASON_DAMAGED, pb.REFUND_REASON_NOT_AS_DESCRIBED, pb.REFUND_REASON_CHANGED_MIND}
+)
 DAY_S = 86400.0
 
 
@@ -289,8 +338,10 @@ class Population:
         ids = list(range(self.accounts))
         rng.shuffle(ids)  # rank k is account ids[k]
         self.acct_id = [f"acct:{i:06d}" for i in ids]
-        self.acct_created = [now - min(3650.0, rng.lognormvariate(5.5, 1.2)) * DAY_S
-                             if rng.random() < 0.92 else None for _ in ids]
+        self.acct_created = [
+            now - min(3650.0, rng.lognormvariate(5.5, 1.2)) * DAY_S if rng.random() < 0.92 else None
+            for _ in ids
+        ]
         self.acct_city = [rng.choice(_CITIES) for _ in ids]
         shared_devices = [f"dev:shared:{i}" for i in range(max(1, self.accounts // 200))]
         nat_ips = [f"100.64.{i // 250}.{i % 250 + 1}" for i in range(max(1, self.accounts // 60))]
@@ -304,11 +355,14 @@ class Population:
             ips = []
             for _ in range(rng.choice((1, 1, 2, 3))):
                 if rng.random() < 0.12:
-                    ips.append(f"2001:db8:{rng.getrandbits(16):x}:{rng.getrandbits(16):x}::"
-                               f"{rng.getrandbits(16):x}")
+                    ips.append(
+                        f"2001:db8:{rng.getrandbits(16):x}:{rng.getrandbits(16):x}::{rng.getrandbits(16):x}"
+                    )
                 else:
-                    ips.append(f"{rng.randint(11, 223)}.{rng.randint(0, 255)}."
-                               f"{rng.randint(0, 255)}.{rng.randint(1, 254)}")
+                    ips.append(
+                        f"{rng.randint(11, 223)}.{rng.randint(0, 255)}."
+                        f"{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+                    )
             if rng.random() < 0.15:
                 ips.append(rng.choice(nat_ips))
             self.acct_ips.append(ips)
@@ -325,14 +379,17 @@ class Population:
         self._recent: collections.deque[bytes] = collections.deque(maxlen=512)
         total = self._acct_cum[-1]
         self.stats = {
-            "accounts": self.accounts, "zipf_exponent": self.zipf, "merchants": self.merchants,
+            "accounts": self.accounts,
+            "zipf_exponent": self.zipf,
+            "merchants": self.merchants,
             "top_account_share": round(weights[0] / total, 5),
-            "top_100_accounts_share": round(self._acct_cum[99] / total, 4)
-            if self.accounts >= 100 else 1.0,
+            "top_100_accounts_share": round(self._acct_cum[99] / total, 4) if self.accounts >= 100 else 1.0,
             "devices": len({d for ds in self.acct_devices for d in ds}),
             "ips": len({i for ips in self.acct_ips for i in ips}),
             "retry_share": self.retry_share,
-            "sent": 0, "retries": 0, "second_refunds_on_an_order": 0,
+            "sent": 0,
+            "retries": 0,
+            "second_refunds_on_an_order": 0,
         }
 
     def _merchant(self) -> str:
@@ -368,27 +425,34 @@ class Population:
         else:
             category = self._category(rng)
             payment = self._payment(rng)
-            merchant = (rng.choice(self.acct_merchants[a]) if rng.random() < 0.7
-                        else self._merchant())
+            merchant = rng.choice(self.acct_merchants[a]) if rng.random() < 0.7 else self._merchant()
             order_id = f"ord:{self.run_tag}:{n}"
             order_amount = max(100, int(rng.lognormvariate(8.3, 1.0)))  # median ~40.00
             order_at = now - self._order_age_s(category)
-            amount = order_amount if rng.random() < 0.65 else max(
-                1, int(order_amount * rng.uniform(0.1, 0.9)))
+            amount = (
+                order_amount if rng.random() < 0.65 else max(1, int(order_amount * rng.uniform(0.1, 0.9)))
+            )
             self._last_order[a] = (order_id, order_amount, order_at, merchant, category, payment)
         reason = self._reason(rng)
         if category == pb.ITEM_CATEGORY_PHYSICAL:
             delivery = self._delivery(rng)
             returned = reason in _RETURNABLE and rng.random() < 0.5
         else:
-            delivery = pb.DELIVERY_STATUS_DELIVERED if rng.random() < 0.7 else \
-                pb.DELIVERY_STATUS_UNKNOWN
+            delivery = pb.DELIVERY_STATUS_DELIVERED if rng.random() < 0.7 else pb.DELIVERY_STATUS_UNKNOWN
             returned = False
         req = pb.CheckRequest(
-            refund_id=f"rf:{self.run_tag}:{n}", account_id=self.acct_id[a], order_id=order_id,
-            merchant_id=merchant, amount_minor=amount, order_amount_minor=order_amount,
-            currency=self._currency(rng), reason=reason, item_category=category,
-            delivery_status=delivery, item_returned=returned, payment_method=payment,
+            refund_id=f"rf:{self.run_tag}:{n}",
+            account_id=self.acct_id[a],
+            order_id=order_id,
+            merchant_id=merchant,
+            amount_minor=amount,
+            order_amount_minor=order_amount,
+            currency=self._currency(rng),
+            reason=reason,
+            item_category=category,
+            delivery_status=delivery,
+            item_returned=returned,
+            payment_method=payment,
         )
         if rng.random() < 0.88:
             req.device_id = rng.choice(self.acct_devices[a])
@@ -414,13 +478,19 @@ class Population:
         events: list[pb.Event] = []
         for a in range(self.accounts):
             ev = pb.Event(
-                event_id=f"ev:{self.run_tag}:{a}", type=pb.EVENT_TYPE_ORDER_PLACED,
-                account_id=self.acct_id[a], merchant_id=rng.choice(self.acct_merchants[a]),
+                event_id=f"ev:{self.run_tag}:{a}",
+                type=pb.EVENT_TYPE_ORDER_PLACED,
+                account_id=self.acct_id[a],
+                merchant_id=rng.choice(self.acct_merchants[a]),
                 order_id=f"ord:{self.run_tag}:seed:{a}",
                 amount_minor=max(100, int(rng.lognormvariate(8.3, 1.0))),
-                currency="EUR", item_category=self._category(rng), payment_method=self._payment(rng),
-                device_id=self.acct_devices[a][0], ip=self.acct_ips[a][0],
-                geo_city=self.acct_city[a])
+                currency="EUR",
+                item_category=self._category(rng),
+                payment_method=self._payment(rng),
+                device_id=self.acct_devices[a][0],
+                ip=self.acct_ips[a][0],
+                geo_city=self.acct_city[a],
+            )
             ev.occurred_at.FromNanoseconds(int((now - rng.uniform(3600.0, 30 * DAY_S)) * 1e9))
             events.append(ev)
             if len(events) == batch:
@@ -472,8 +542,7 @@ class Probe:
         if self.redis is None:
             return None
         info = self.redis.info("commandstats")
-        return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
-                for k, v in info.items()}
+        return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in info.items()}
 
     def snapshot(self, completed: int) -> Snapshot:
         """Read every counter now."""
@@ -486,8 +555,15 @@ class Probe:
         if self.redis_pid:
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 redis_cpu = proc_cpu_s(self.redis_pid)
-        return Snapshot(time.perf_counter(), completed, cpu, ru.ru_utime + ru.ru_stime, redis_cpu,
-                        self.cmdstats(), machine_cpu_s())
+        return Snapshot(
+            time.perf_counter(),
+            completed,
+            cpu,
+            ru.ru_utime + ru.ru_stime,
+            redis_cpu,
+            self.cmdstats(),
+            machine_cpu_s(),
+        )
 
 
 def cost(a: Snapshot, b: Snapshot, calls: int | None = None) -> dict[str, Any]:
@@ -496,12 +572,14 @@ def cost(a: Snapshot, b: Snapshot, calls: int | None = None) -> dict[str, Any]:
     seconds = b.at - a.at
     out: dict[str, Any] = {"calls": n, "seconds": round(seconds, 3)}
     server = {pid: b.server_cpu[pid] - a.server_cpu.get(pid, 0.0) for pid in b.server_cpu}
-    ours = sum(server.values()) + (b.client_cpu - a.client_cpu) + (
-        (b.redis_cpu - a.redis_cpu) if a.redis_cpu is not None and b.redis_cpu is not None else 0)
+    ours = (
+        sum(server.values())
+        + (b.client_cpu - a.client_cpu)
+        + ((b.redis_cpu - a.redis_cpu) if a.redis_cpu is not None and b.redis_cpu is not None else 0)
+    )
     if seconds > 0:
         # CPU used by everything else on the machine meanwhile: the noise these figures carry.
-        out["other_processes_cpu_cores"] = round(
-            max(0.0, (b.machine[0] - a.machine[0]) - ours) / seconds, 2)
+        out["other_processes_cpu_cores"] = round(max(0.0, (b.machine[0] - a.machine[0]) - ours) / seconds, 2)
         out["steal_cpu_cores"] = round((b.machine[1] - a.machine[1]) / seconds, 2)
     if n <= 0:
         return out
@@ -515,9 +593,9 @@ def cost(a: Snapshot, b: Snapshot, calls: int | None = None) -> dict[str, Any]:
     return out
 
 
-def redis_cost(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]],
-               n: int) -> dict[str, Any]:
+def redis_cost(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]], n: int) -> dict[str, Any]:
     """Redis command time per call from two INFO commandstats readings."""
+
     def delta(cmd: str) -> tuple[int, int]:
         calls0, usec0 = a.get(cmd, (0, 0))
         calls1, usec1 = b.get(cmd, (0, 0))
@@ -536,9 +614,11 @@ def redis_cost(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]],
         "evalsha_per_call": round(ev_calls / n, 3),
         "by_command": {cmd: {"calls": c, "usec": u} for cmd, (c, u) in per.items()},
         # Commands run inside the scripts are counted too (their time is inside EVALSHA's).
-        "all_commands": {cmd: {"calls": c, "usec": u, "us_per_call": round(u / n, 2)}
-                         for cmd in sorted(b) if (c := b[cmd][0] - a.get(cmd, (0, 0))[0]) > 0
-                         and (u := b[cmd][1] - a.get(cmd, (0, 0))[1]) >= 0},
+        "all_commands": {
+            cmd: {"calls": c, "usec": u, "us_per_call": round(u / n, 2)}
+            for cmd in sorted(b)
+            if (c := b[cmd][0] - a.get(cmd, (0, 0))[0]) > 0 and (u := b[cmd][1] - a.get(cmd, (0, 0))[1]) >= 0
+        },
     }
 
 
@@ -552,8 +632,14 @@ def percentiles(samples_s: list[float]) -> dict[str, float | None]:
     def q(p: float) -> float:
         return round(xs[max(0, math.ceil(p * n) - 1)] * 1e3, 3)
 
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99.9": q(0.999),
-            "max": round(xs[-1] * 1e3, 3), "mean": round(sum(xs) / n * 1e3, 3)}
+    return {
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+        "p99.9": q(0.999),
+        "max": round(xs[-1] * 1e3, 3),
+        "mean": round(sum(xs) / n * 1e3, 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,8 +651,9 @@ class _Pacer(threading.Thread):
     """Wakes at each scheduled time (``time.sleep`` is far finer than asyncio's 1 ms timers) and
     hands the due arrivals to the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, times: list[float],
-                 fire: Callable[[list[float]], None]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, times: list[float], fire: Callable[[list[float]], None]
+    ) -> None:
         super().__init__(name="pacer", daemon=True)
         self.loop, self.times, self.fire = loop, times, fire
         self.stop = threading.Event()
@@ -588,8 +675,9 @@ class _Pacer(threading.Thread):
 class Load:
     """Sends Check calls over pinned channels and keeps the books."""
 
-    def __init__(self, channels: Sequence[grpc.aio.Channel], population: Population,
-                 probe: Probe, timeout_s: float) -> None:
+    def __init__(
+        self, channels: Sequence[grpc.aio.Channel], population: Population, probe: Probe, timeout_s: float
+    ) -> None:
         self.calls = [ch.unary_unary(CHECK_METHOD) for ch in channels]
         self.population = population
         self.probe = probe
@@ -599,6 +687,7 @@ class Load:
         self.errors: collections.Counter[str] = collections.Counter()
         self.step_errors: collections.Counter[str] = collections.Counter()
         self.decisions: collections.Counter[str] = collections.Counter()
+        self.abandoning = False
         self.degraded = 0
         self.step_degraded = 0
         self.replayed = 0
@@ -611,6 +700,8 @@ class Load:
             reply = await call(data, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
             self.completed += 1
+            if self.abandoning:  # cancelled by us below (counted as UNFINISHED)
+                return False
             self.errors[err.code().name] += 1
             self.step_errors[err.code().name] += 1
             return False
@@ -638,8 +729,7 @@ class Load:
                 if ok and window[0] <= t1 <= window[1]:
                     latencies.append(t1 - t0)
 
-        tasks = [asyncio.create_task(caller(self.calls[i % len(self.calls)]))
-                 for i in range(concurrency)]
+        tasks = [asyncio.create_task(caller(self.calls[i % len(self.calls)])) for i in range(concurrency)]
         await asyncio.sleep(warmup_s)
         a = self.probe.snapshot(self.completed)
         window[0] = a.at
@@ -648,14 +738,20 @@ class Load:
         window[1] = b.at
         stop = True
         await asyncio.gather(*tasks)
-        return {"mode": "closed", "concurrency": concurrency,
-                "throughput_rps": round(len(latencies) / (b.at - a.at), 1),
-                "ok": len(latencies), "errors": dict(self.step_errors),
-                "degraded": self.step_degraded,
-                "latency_ms": percentiles(latencies), "cost": cost(a, b)}
+        return {
+            "mode": "closed",
+            "concurrency": concurrency,
+            "throughput_rps": round(len(latencies) / (b.at - a.at), 1),
+            "ok": len(latencies),
+            "errors": dict(self.step_errors),
+            "degraded": self.step_degraded,
+            "latency_ms": percentiles(latencies),
+            "cost": cost(a, b),
+        }
 
-    async def open(self, rate: float, warmup_s: float, duration_s: float,
-                   poisson: bool = True) -> dict[str, Any]:
+    async def open(
+        self, rate: float, warmup_s: float, duration_s: float, poisson: bool = True
+    ) -> dict[str, Any]:
         """Arrivals at ``rate``/s regardless of answers; latency from the scheduled send time."""
         loop = asyncio.get_running_loop()
         rng = random.Random(7)
@@ -709,22 +805,29 @@ class Load:
             _, pending = await asyncio.wait(tasks, timeout=self.timeout_s + 1.0)
             # Past its deadline and a second more: the client itself is hopelessly behind.
             unfinished = len(pending)
+            self.abandoning = True
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            self.abandoning = False
             if unfinished:
                 self.errors["UNFINISHED"] += unfinished
                 self.step_errors["UNFINISHED"] += unfinished
         scheduled_n = sum(1 for x in times if window[0] <= x < window[1])
-        return {"mode": "open", "arrivals": "poisson" if poisson else "uniform",
-                "target_rps": round(rate, 1), "scheduled": scheduled_n,
-                "achieved_rps": round(len(latencies) / duration_s, 1), "ok": len(latencies),
-                "dropped": dropped, "errors": dict(self.step_errors),
-                "degraded": self.step_degraded,
-                "latency_ms": percentiles(latencies),
-                "send_lag_ms": {k: v for k, v in percentiles(send_lag).items()
-                                if k in ("p50", "p99", "max")},
-                "cost": cost(a, b)}
+        return {
+            "mode": "open",
+            "arrivals": "poisson" if poisson else "uniform",
+            "target_rps": round(rate, 1),
+            "scheduled": scheduled_n,
+            "achieved_rps": round(len(latencies) / duration_s, 1),
+            "ok": len(latencies),
+            "dropped": dropped,
+            "errors": dict(self.step_errors),
+            "degraded": self.step_degraded,
+            "latency_ms": percentiles(latencies),
+            "send_lag_ms": {k: v for k, v in percentiles(send_lag).items() if k in ("p50", "p99", "max")},
+            "cost": cost(a, b),
+        }
 
 
 def _script_names() -> dict[str, str]:
@@ -752,7 +855,9 @@ async def script_breakdown(load: Load, concurrency: int, duration_s: float) -> d
         r.config_set("slowlog-max-len", 1_000_000)
         r.config_set("slowlog-log-slower-than", 0)
         r.slowlog_reset()
-        step = await load.closed(concurrency, 0.2, duration_s)
+        sent = load.sent
+        await load.closed(concurrency, 0.2, duration_s)
+        sent = load.sent - sent  # every Check of the step, warm-up included, as in the log
         entries = r.slowlog_get(1_000_000)
     finally:
         for key, value in saved.items():
@@ -767,24 +872,28 @@ async def script_breakdown(load: Load, concurrency: int, duration_s: float) -> d
         if verb == "EVALSHA" and len(cmd) > 3:
             nkeys = int(cmd[2])
             op = cmd[3 + nkeys].decode() if len(cmd) > 3 + nkeys else "?"
-            durations[f"{names.get(cmd[1].decode(), cmd[1].decode()[:8])}:{op}"].append(
-                entry["duration"])
+            durations[f"{names.get(cmd[1].decode(), cmd[1].decode()[:8])}:{op}"].append(entry["duration"])
         elif verb in ("GET", "SET", "XADD"):
             durations[verb].append(entry["duration"])
-    checks = step["cost"].get("calls") or 1
+    checks = max(sent, 1)
     out: dict[str, Any] = {"concurrency": concurrency, "checks": checks, "scripts": {}}
     for name, xs in sorted(durations.items()):
         xs.sort()
         out["scripts"][name] = {
-            "calls": len(xs), "mean_us": round(sum(xs) / len(xs), 1),
-            "p50_us": xs[len(xs) // 2], "p99_us": xs[min(len(xs) - 1, int(len(xs) * 0.99))],
-            "us_per_check": round(sum(xs) / checks, 1)}
+            "calls": len(xs),
+            "mean_us": round(sum(xs) / len(xs), 1),
+            "p50_us": xs[len(xs) // 2],
+            "p99_us": xs[min(len(xs) - 1, int(len(xs) * 0.99))],
+            "us_per_check": round(sum(xs) / checks, 1),
+        }
     return out
 
 
-async def seed_orders(channels: Sequence[grpc.aio.Channel], population: Population,
-                      batch: int, timeout_s: float) -> dict[str, Any]:
-    """Send one ORDER_PLACED per account through RecordEvents (four calls in flight)."""
+async def seed_orders(
+    channels: Sequence[grpc.aio.Channel], population: Population, batch: int, timeout_s: float
+) -> dict[str, Any]:
+    """Send one ORDER_PLACED per account through RecordEvents (four calls in flight); keep
+    ``batch`` well under the gate's 64 KiB message limit (~130 bytes an event)."""
     requests = population.order_events(batch)
     calls = [ch.unary_unary(EVENTS_METHOD) for ch in channels]
     started = time.perf_counter()
@@ -798,16 +907,24 @@ async def seed_orders(channels: Sequence[grpc.aio.Channel], population: Populati
             accepted += pb.RecordEventsResponse.FromString(reply).accepted
 
     await asyncio.gather(*(sender(calls[i % len(calls)]) for i in range(4)))
-    return {"events": population.accounts, "accepted": accepted,
-            "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "events": population.accounts,
+        "accepted": accepted,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole procedure for one target; returns the result document."""
     pids = [int(p) for p in args.pids.split(",") if p]
     workers = [int(p) for p in (args.workers_pids or args.pids).split(",") if p]
-    population = Population(accounts=args.accounts, merchants=args.merchants, zipf=args.zipf,
-                            retry_share=args.retry_share, seed=args.seed)
+    population = Population(
+        accounts=args.accounts,
+        merchants=args.merchants,
+        zipf=args.zipf,
+        retry_share=args.retry_share,
+        seed=args.seed,
+    )
     probe = Probe(pids, args.redis_url, args.redis_pid)
     gc.collect()
     gc.freeze()  # the population is long-lived: keep full collections from scanning it
@@ -815,13 +932,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     pinned = await pinned_channels(args.target, workers, args.channels, deadline)
     channels = [ch for ch, _ in pinned]
     out: dict[str, Any] = {
-        "label": args.label, "target": args.target, "channels": args.channels,
+        "label": args.label,
+        "target": args.target,
+        "channels": args.channels,
         "connections_per_worker": dict(collections.Counter(str(pid) for _, pid in pinned)),
-        "population": population.stats, "timeout_s": args.timeout_s,
+        "population": population.stats,
+        "timeout_s": args.timeout_s,
     }
     try:
         if args.seed_orders or args.seed_only:
-            out["seed"] = await seed_orders(channels, population, 500, 30.0)
+            out["seed"] = await seed_orders(channels, population, 200, 30.0)
             _progress(args.label, f"seeded {out['seed']}")
             if args.seed_only:
                 return out
@@ -831,34 +951,44 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for c in args.concurrencies:
             step = await load.closed(c, args.warmup, args.duration)
             steps.append(step)
-            _progress(args.label, f"closed c={c}: {step['throughput_rps']} req/s, "
-                      f"p50 {step['latency_ms']['p50']} ms, p99 {step['latency_ms']['p99']} ms, "
-                      f"server CPU {step['cost'].get('server_cpu_us_per_call')} us/call")
+            _progress(
+                args.label,
+                f"closed c={c}: {step['throughput_rps']} req/s, "
+                f"p50 {step['latency_ms']['p50']} ms, p99 {step['latency_ms']['p99']} ms, "
+                f"server CPU {step['cost'].get('server_cpu_us_per_call')} us/call",
+            )
         out["closed"] = steps
         rate = args.open_rate or 0.0
         if steps:
             best = max(steps, key=lambda s: s["throughput_rps"])
-            out["max"] = {"throughput_rps": best["throughput_rps"],
-                          "concurrency": best["concurrency"]}
+            out["max"] = {"throughput_rps": best["throughput_rps"], "concurrency": best["concurrency"]}
             rate = rate or best["throughput_rps"] * args.open_fraction
         if rate > 0:
-            step = await load.open(rate, args.warmup, args.open_duration,
-                                   poisson=args.arrivals == "poisson")
+            step = await load.open(rate, args.warmup, args.open_duration, poisson=args.arrivals == "poisson")
             out["open"] = step
-            _progress(args.label, f"open {step['target_rps']}/s: p50 {step['latency_ms']['p50']} "
-                      f"p99 {step['latency_ms']['p99']} p99.9 {step['latency_ms']['p99.9']} ms")
+            _progress(
+                args.label,
+                f"open {step['target_rps']}/s: p50 {step['latency_ms']['p50']} "
+                f"p99 {step['latency_ms']['p99']} p99.9 {step['latency_ms']['p99.9']} ms",
+            )
         phase_end = probe.snapshot(load.completed)
         out["phase"] = {
-            "sent": load.sent, "completed": load.completed, "errors": dict(load.errors),
-            "decisions": dict(load.decisions), "degraded": load.degraded,
+            "sent": load.sent,
+            "completed": load.completed,
+            "errors": dict(load.errors),
+            "decisions": dict(load.decisions),
+            "degraded": load.degraded,
             "replayed": load.replayed,
             "cost": cost(phase_start, phase_end, load.sent),
         }
         if args.script_breakdown and probe.redis is not None:
             out["redis_scripts"] = await script_breakdown(load, 8, 2.0)
             out["phase"]["errors"] = dict(load.errors)  # every call's status counts
-            _progress(args.label, "Redis us per Check by script: " + ", ".join(
-                f"{k} {v['us_per_check']}" for k, v in out["redis_scripts"]["scripts"].items()))
+            _progress(
+                args.label,
+                "Redis us per Check by script: "
+                + ", ".join(f"{k} {v['us_per_check']}" for k, v in out["redis_scripts"]["scripts"].items()),
+            )
         out["population"] = population.stats
     finally:
         for ch in channels:
@@ -875,30 +1005,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench.loadgen", description=__doc__.splitlines()[0])
     p.add_argument("--target", required=True, help="host:port of the server")
     p.add_argument("--label", default="check", help="name in progress lines and output")
-    p.add_argument("--pids", required=True,
-                   help="comma-separated pids of every server process (CPU is summed)")
-    p.add_argument("--workers-pids", default="",
-                   help="pids that accept connections (default: --pids)")
+    p.add_argument(
+        "--pids", required=True, help="comma-separated pids of every server process (CPU is summed)"
+    )
+    p.add_argument("--workers-pids", default="", help="pids that accept connections (default: --pids)")
     p.add_argument("--redis-url", default=None, help="read INFO commandstats around each step")
     p.add_argument("--redis-pid", type=int, default=None, help="redis-server pid, for its CPU")
-    p.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",") if x],
-                   default=[1, 8, 32, 64])
+    p.add_argument(
+        "--concurrencies", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 8, 32, 64]
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per closed-loop step")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before a step")
     p.add_argument("--open-duration", type=float, default=10.0)
-    p.add_argument("--open-fraction", type=float, default=0.5,
-                   help="open-loop rate as a fraction of the best closed-loop throughput")
-    p.add_argument("--open-rate", type=float, default=None,
-                   help="open-loop rate in calls/s (overrides --open-fraction)")
+    p.add_argument(
+        "--open-fraction",
+        type=float,
+        default=0.5,
+        help="open-loop rate as a fraction of the best closed-loop throughput",
+    )
+    p.add_argument(
+        "--open-rate", type=float, default=None, help="open-loop rate in calls/s (overrides --open-fraction)"
+    )
     p.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson")
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--timeout-s", type=float, default=2.0, help="deadline of each call")
-    p.add_argument("--seed-orders", action="store_true",
-                   help="first record one ORDER_PLACED per account via RecordEvents")
-    p.add_argument("--seed-only", action="store_true",
-                   help="only record the ORDER_PLACED history (same population), no Checks")
-    p.add_argument("--script-breakdown", action="store_true",
-                   help="after the phase, an extra step with SLOWLOG on: Redis us per script")
+    p.add_argument(
+        "--seed-orders",
+        action="store_true",
+        help="first record one ORDER_PLACED per account via RecordEvents",
+    )
+    p.add_argument(
+        "--seed-only",
+        action="store_true",
+        help="only record the ORDER_PLACED history (same population), no Checks",
+    )
+    p.add_argument(
+        "--script-breakdown",
+        action="store_true",
+        help="after the phase, an extra step with SLOWLOG on: Redis us per script",
+    )
     p.add_argument("--accounts", type=int, default=20_000)
     p.add_argument("--merchants", type=int, default=500)
     p.add_argument("--zipf", type=float, default=0.7, help="account activity skew exponent")

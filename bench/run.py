@@ -42,8 +42,12 @@ from bench.loadgen import MAX_OUTSTANDING, children, machine_cpu_s, wait_ready
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / "model" / "bundles" / "current"
 PYTHON = sys.executable
-GOALS = {"throughput_ratio_min": 0.70, "check_p99_half_load_ms_max": 3.0,
-         "redis_us_per_check_target": 60.0, "redis_us_per_check_goal": 40.0}
+GOALS = {
+    "throughput_ratio_min": 0.70,
+    "check_p99_half_load_ms_max": 3.0,
+    "redis_us_per_check_target": 60.0,
+    "redis_us_per_check_goal": 40.0,
+}
 
 
 def log(text: str) -> None:
@@ -76,13 +80,25 @@ def build_throwaway_bundle(out: Path) -> Path:
     X[:, FEATURE_INDEX["refund_order_ratio"]] = rng.uniform(0.1, 1.0, n)
     logit = -4 + 2.5 * inr + 1.2 * refunds
     y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
-    params = {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "verbosity": -1,
-              "seed": 1, "deterministic": True, "num_threads": 1}
-    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
-                        num_boost_round=40)
-    return write_bundle(out, booster, version="bench-throwaway-1",
-                        thresholds={"hold": 0.5, "reject": 0.9},
-                        golden_X=golden_rows(X, 50, seed=1), metrics={}, card={})
+    params = {
+        "objective": "binary",
+        "num_leaves": 15,
+        "learning_rate": 0.1,
+        "verbosity": -1,
+        "seed": 1,
+        "deterministic": True,
+        "num_threads": 1,
+    }
+    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)), num_boost_round=40)
+    return write_bundle(
+        out,
+        booster,
+        version="bench-throwaway-1",
+        thresholds={"hold": 0.5, "reject": 0.9},
+        golden_X=golden_rows(X, 50, seed=1),
+        metrics={},
+        card={},
+    )
 
 
 def model_info(path: Path) -> dict[str, Any]:
@@ -90,8 +106,12 @@ def model_info(path: Path) -> dict[str, Any]:
     from gate.bundle import load_bundle
 
     bundle = load_bundle(path)
-    return {"path": str(path), "version": bundle.version, "engine": bundle.model.engine,
-            "num_trees": bundle.manifest.get("num_trees")}
+    return {
+        "path": str(path),
+        "version": bundle.version,
+        "engine": bundle.model.engine,
+        "num_trees": bundle.manifest.get("num_trees"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +127,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     port: int
     workers: list[int]
+    log_path: Path
 
     @property
     def target(self) -> str:
@@ -134,9 +155,8 @@ class Server:
 def start_server(name: str, argv: list[str], port: int, workers: int, log_path: Path) -> Server:
     """Start a server process (stdout/stderr to ``log_path``) and find its forked workers."""
     with log_path.open("wb") as fh:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    server = Server(name, proc, port, [proc.pid])
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = Server(name, proc, port, [proc.pid], log_path)
     if workers > 1:
         deadline = time.monotonic() + 60
         while len(found := children(proc.pid)) < workers:
@@ -148,13 +168,25 @@ def start_server(name: str, argv: list[str], port: int, workers: int, log_path: 
     return server
 
 
+async def exited(servers: Sequence[Server]) -> None:
+    """Raise as soon as one of ``servers`` exits (with the tail of its log); never returns."""
+    while True:
+        for server in servers:
+            if server.proc.poll() is not None:
+                tail = server.log_path.read_text(errors="replace")[-1500:]
+                raise RuntimeError(
+                    f"{server.name} exited with status {server.proc.returncode} "
+                    f"before it was ready; {server.log_path} ends with:\n{tail}"
+                )
+        await asyncio.sleep(0.1)
+
+
 def gate_command() -> list[str]:
     """How to run ``refund-gate``: the console script beside this Python, else via -c."""
     script = Path(PYTHON).parent / "refund-gate"
     if script.exists():
         return [str(script)]
-    return [PYTHON, "-c", "import sys; from gate.cli import main; sys.argv[0] = 'refund-gate'; "
-            "main()"]
+    return [PYTHON, "-c", "import sys; from gate.cli import main; sys.argv[0] = 'refund-gate'; main()"]
 
 
 def wait_quiet(max_wait_s: float, threshold_cores: float = 0.15) -> float:
@@ -186,20 +218,51 @@ def free_port() -> int:
     return _free_port()
 
 
-def run_loadgen(label: str, server: Server, args: argparse.Namespace, out_json: Path,
-                extra: Sequence[str] = (), profile_pid: int | None = None,
-                profile_out: Path | None = None) -> dict[str, Any]:
+def run_loadgen(
+    label: str,
+    server: Server,
+    args: argparse.Namespace,
+    out_json: Path,
+    extra: Sequence[str] = (),
+    profile_pid: int | None = None,
+    profile_out: Path | None = None,
+) -> dict[str, Any]:
     """Run bench.loadgen against ``server`` in its own process and return its result."""
-    argv = [PYTHON, "-m", "bench.loadgen", "--target", server.target, "--label", label,
-            "--pids", ",".join(map(str, server.pids)),
-            "--workers-pids", ",".join(map(str, server.workers)),
-            "--concurrencies", ",".join(map(str, args.concurrencies)),
-            "--duration", str(args.duration), "--warmup", str(args.warmup),
-            "--open-duration", str(args.open_duration), "--open-fraction", str(args.open_fraction),
-            "--channels", str(args.channels), "--accounts", str(args.accounts),
-            "--zipf", str(args.zipf), "--out", str(out_json), *extra]
-    budget = (len(args.concurrencies) * (args.warmup + args.duration + 2)
-              + args.warmup + args.open_duration + 120)
+    argv = [
+        PYTHON,
+        "-m",
+        "bench.loadgen",
+        "--target",
+        server.target,
+        "--label",
+        label,
+        "--pids",
+        ",".join(map(str, server.pids)),
+        "--workers-pids",
+        ",".join(map(str, server.workers)),
+        "--concurrencies",
+        ",".join(map(str, args.concurrencies)),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--open-duration",
+        str(args.open_duration),
+        "--open-fraction",
+        str(args.open_fraction),
+        "--channels",
+        str(args.channels),
+        "--accounts",
+        str(args.accounts),
+        "--zipf",
+        str(args.zipf),
+        "--out",
+        str(out_json),
+        *extra,
+    ]
+    budget = (
+        len(args.concurrencies) * (args.warmup + args.duration + 2) + args.warmup + args.open_duration + 120
+    )
     spy: subprocess.Popen[bytes] | None = None
     if profile_pid is not None and profile_out is not None:
         spy = start_profiler(profile_pid, profile_out)
@@ -222,9 +285,24 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     if not Path(spy).exists():
         log("--profile: py-spy not found (.venv/bin/pip install py-spy); no profile")
         return None
-    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "250",
-                             "--format", "raw", "--output", str(out), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
@@ -285,8 +363,9 @@ def _frame_name(frame: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_config(workers: int, args: argparse.Namespace, redis: Any, model_dir: Path,
-                 out_dir: Path) -> dict[str, Any]:
+def bench_config(
+    workers: int, args: argparse.Namespace, redis: Any, model_dir: Path, out_dir: Path
+) -> dict[str, Any]:
     """Echo then Check at ``workers`` processes each; returns both loadgen results."""
     if args.wait_quiet > 0:
         wait_quiet(args.wait_quiet)
@@ -296,12 +375,23 @@ def bench_config(workers: int, args: argparse.Namespace, redis: Any, model_dir: 
     client.close()
     tag = f"w{workers}"
     gate_port, echo_port = free_port(), free_port()
-    gate_argv = [*gate_command(), "serve",
-                 "--listen", f"127.0.0.1:{gate_port}", "--workers", str(workers),
-                 "--redis-url", redis.url, "--model-dir", str(model_dir),
-                 "--allow-client-time", "--grace-s", "1", *gate_extra_flags()]
-    echo_argv = [PYTHON, "-m", "bench.echo", "--listen", f"127.0.0.1:{echo_port}",
-                 "--workers", str(workers)]
+    gate_argv = [
+        *gate_command(),
+        "serve",
+        "--listen",
+        f"127.0.0.1:{gate_port}",
+        "--workers",
+        str(workers),
+        "--redis-url",
+        redis.url,
+        "--model-dir",
+        str(model_dir),
+        "--allow-client-time",
+        "--grace-s",
+        "1",
+        *gate_extra_flags(),
+    ]
+    echo_argv = [PYTHON, "-m", "bench.echo", "--listen", f"127.0.0.1:{echo_port}", "--workers", str(workers)]
     servers: list[Server] = []
     try:
         gate = start_server("gate", gate_argv, gate_port, workers, out_dir / f"gate-{tag}.log")
@@ -310,9 +400,21 @@ def bench_config(workers: int, args: argparse.Namespace, redis: Any, model_dir: 
         servers.append(echo)
 
         async def ready() -> list[float]:
-            return list(await asyncio.gather(
+            both = asyncio.gather(
                 wait_ready(gate.target, gate.workers, args.ready_timeout),
-                wait_ready(echo.target, echo.workers, args.ready_timeout)))
+                wait_ready(echo.target, echo.workers, args.ready_timeout),
+            )
+            watch = asyncio.ensure_future(exited(servers))
+            futures: list[asyncio.Future[Any]] = [both, watch]
+            try:
+                await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+                if watch.done():
+                    watch.result()  # raises: a server died while we waited for it
+                return list(await both)
+            finally:
+                for future in futures:
+                    future.cancel()
+                await asyncio.gather(*futures, return_exceptions=True)
 
         took = asyncio.run(ready())
         log(f"{workers} worker(s): gate SERVING after {took[0]:.1f} s, echo after {took[1]:.1f} s")
@@ -320,14 +422,19 @@ def bench_config(workers: int, args: argparse.Namespace, redis: Any, model_dir: 
         echo.stop()
         seed = None
         if args.seed_orders:  # history first, outside every measurement (and the profile)
-            seed = run_loadgen("seed", gate, args, out_dir / f"loadgen-seed-{tag}.json",
-                               extra=["--seed-only"]).get("seed")
+            seed = run_loadgen(
+                "seed", gate, args, out_dir / f"loadgen-seed-{tag}.json", extra=["--seed-only"]
+            ).get("seed")
         profile = out_dir / f"check-profile-{tag}.txt" if args.profile else None
         check_result = run_loadgen(
-            "check", gate, args, out_dir / f"loadgen-check-{tag}.json",
-            extra=["--redis-url", redis.url, "--redis-pid", str(redis.proc.pid),
-                   "--script-breakdown"],
-            profile_pid=gate.proc.pid if profile else None, profile_out=profile)
+            "check",
+            gate,
+            args,
+            out_dir / f"loadgen-check-{tag}.json",
+            extra=["--redis-url", redis.url, "--redis-pid", str(redis.proc.pid), "--script-breakdown"],
+            profile_pid=gate.proc.pid if profile else None,
+            profile_out=profile,
+        )
         check_result["seed"] = seed
         result: dict[str, Any] = {"workers": workers, "echo": echo_result, "check": check_result}
         if profile is not None and profile.exists():
@@ -351,8 +458,7 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
             "server_cpu_us_per_call_at_max": best["cost"].get("server_cpu_us_per_call"),
             "client_cpu_us_per_call_at_max": best["cost"].get("client_cpu_us_per_call"),
             "half_load_rps": half.get("target_rps"),
-            "half_load_latency_ms": {k: half.get("latency_ms", {}).get(k)
-                                     for k in ("p50", "p99", "p99.9")},
+            "half_load_latency_ms": {k: half.get("latency_ms", {}).get(k) for k in ("p50", "p99", "p99.9")},
             "server_cpu_us_per_call_half_load": half.get("cost", {}).get("server_cpu_us_per_call"),
             "other_processes_cpu_cores": r["phase"]["cost"].get("other_processes_cpu_cores"),
             "errors": r["phase"]["errors"],
@@ -362,17 +468,16 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
     out["check"]["redis_us_per_check_lightest_step"] = {
         "concurrency": light["concurrency"],
         "us_per_check": light["cost"].get("redis", {}).get("us_per_call"),
-        "evalsha_us": light["cost"].get("redis", {}).get("evalsha_us_per_command")}
+        "evalsha_us": light["cost"].get("redis", {}).get("evalsha_us_per_command"),
+    }
     check_phase = config["check"]["phase"]
     redis = check_phase["cost"].get("redis", {})
     out["check"]["redis_us_per_check"] = redis.get("us_per_call")
-    out["check"]["redis_us_per_check_with_decision_log"] = redis.get(
-        "us_per_call_with_decision_log")
+    out["check"]["redis_us_per_check_with_decision_log"] = redis.get("us_per_call_with_decision_log")
     out["check"]["redis_evalsha_us_per_call"] = redis.get("evalsha_us_per_command")
     out["check"]["redis_commands_per_check"] = redis.get("commands_per_call")
     out["check"]["redis_evalsha_per_check"] = redis.get("evalsha_per_call")
-    out["check"]["redis_process_cpu_us_per_check"] = check_phase["cost"].get(
-        "redis_process_cpu_us_per_call")
+    out["check"]["redis_process_cpu_us_per_check"] = check_phase["cost"].get("redis_process_cpu_us_per_call")
     out["check"]["decisions"] = check_phase["decisions"]
     out["check"]["degraded"] = check_phase["degraded"]
     out["check"]["replayed"] = check_phase["replayed"]
@@ -381,14 +486,14 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
     out["throughput_ratio_check_to_echo"] = round(ratio, 3) if ratio is not None else None
     if e["server_cpu_us_per_call_at_max"] and c["server_cpu_us_per_call_at_max"]:
         out["cpu_ratio_check_to_echo"] = round(
-            c["server_cpu_us_per_call_at_max"] / e["server_cpu_us_per_call_at_max"], 2)
+            c["server_cpu_us_per_call_at_max"] / e["server_cpu_us_per_call_at_max"], 2
+        )
     p99 = c["half_load_latency_ms"]["p99"]
     rus = c["redis_us_per_check"]
     out["goals"] = {
         "throughput_ratio>=0.70": ratio is not None and ratio >= GOALS["throughput_ratio_min"],
         "check_p99_half_load<=3ms": p99 is not None and p99 <= GOALS["check_p99_half_load_ms_max"],
-        "redis_us_per_check<=60_target": rus is not None and rus <= GOALS[
-            "redis_us_per_check_target"],
+        "redis_us_per_check<=60_target": rus is not None and rus <= GOALS["redis_us_per_check_target"],
         "redis_us_per_check<=40_goal": rus is not None and rus <= GOALS["redis_us_per_check_goal"],
     }
     return out
@@ -409,8 +514,9 @@ def run_scoring(model_dir: Path, out_dir: Path, timeout_s: float) -> dict[str, A
     for model in (model_dir / "model.txt", model_dir):
         argv = [PYTHON, "-m", "bench.scoring", "--model", str(model), "--out", str(out)]
         try:
-            done = subprocess.run(argv, cwd=ROOT, timeout=timeout_s, capture_output=True,
-                                  text=True, stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                argv, cwd=ROOT, timeout=timeout_s, capture_output=True, text=True, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired:
             errors.append(f"--model {model}: timed out after {timeout_s} s")
             continue
@@ -449,8 +555,7 @@ def render(report: dict[str, Any]) -> str:
         g = s["goals"]
         ratio = s["throughput_ratio_check_to_echo"]
         light = c["redis_us_per_check_lightest_step"]
-        cmds = (f"{_fmt(c['redis_commands_per_check'], '.2f')} / "
-                f"{_fmt(c['redis_evalsha_per_check'], '.2f')}")
+        cmds = f"{_fmt(c['redis_commands_per_check'], '.2f')} / {_fmt(c['redis_evalsha_per_check'], '.2f')}"
         lines += [
             "",
             f"== {s['workers']} worker process(es) per server ==",
@@ -459,8 +564,7 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(e['max_throughput_rps']) + ' @' + str(e['max_at_concurrency']):>23}"
             f"{_fmt(c['max_throughput_rps']) + ' @' + str(c['max_at_concurrency']):>23}"
             f"   {_fmt(ratio, '.2f'):>11}  >= 0.70 {'ok' if g['throughput_ratio>=0.70'] else 'MISSED'}",
-            f"{'half-load rate (req/s)':34}{_fmt(e['half_load_rps']):>23}"
-            f"{_fmt(c['half_load_rps']):>23}",
+            f"{'half-load rate (req/s)':34}{_fmt(e['half_load_rps']):>23}{_fmt(c['half_load_rps']):>23}",
             f"{'half load p50/p99/p99.9 (ms)':34}{_lat(e['half_load_latency_ms']):>23}"
             f"{_lat(c['half_load_latency_ms']):>23}   {'':>11}  p99 <= 3 ms "
             f"{'ok' if g['check_p99_half_load<=3ms'] else 'MISSED'}",
@@ -480,65 +584,82 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(c['redis_us_per_check_with_decision_log'], '.1f'):>23}",
             f"{'  at c=' + str(light['concurrency']) + ' only (least contention)':34}{'':>23}"
             f"{_fmt(light['us_per_check'], '.1f'):>23}",
-            f"{'  commands / EVALSHA per Check':34}{'':>23}"
-            f"{cmds:>23}",
+            f"{'  commands / EVALSHA per Check':34}{'':>23}{cmds:>23}",
             f"{'  us per EVALSHA':34}{'':>23}{_fmt(c['redis_evalsha_us_per_call'], '.1f'):>23}",
-            f"{'  redis-server CPU us per Check':34}{'':>23}"
-            f"{_fmt(c['redis_process_cpu_us_per_check']):>23}",
+            f"{'  redis-server CPU us per Check':34}{'':>23}{_fmt(c['redis_process_cpu_us_per_check']):>23}",
             f"{'other processes CPU (cores)':34}{_fmt(e['other_processes_cpu_cores'], '.2f'):>23}"
             f"{_fmt(c['other_processes_cpu_cores'], '.2f'):>23}   (machine noise; ~0 is clean)",
-            f"{'errors (by status)':34}echo {json.dumps(e['errors'])}, "
-            f"Check {json.dumps(c['errors'])}",
+            f"{'errors (by status)':34}echo {json.dumps(e['errors'])}, Check {json.dumps(c['errors'])}",
             f"{'Check decisions':34}{json.dumps(c['decisions'])}  degraded "
             f"{c['degraded']}, replayed {c['replayed']}",
         ]
     for cfg in report["configs"]:
         scripts = cfg["check"].get("redis_scripts", {}).get("scripts", {})
         if scripts:
-            lines += ["", f"Redis time by command ({cfg['workers']} worker(s); extra step at c="
-                      f"{cfg['check']['redis_scripts']['concurrency']} with SLOWLOG on): "
-                      "us per Check, mean / p99 us per call"]
-            lines += [f"  {name:>14}  {v['us_per_check']:6.1f}  {v['mean_us']:6.1f} / "
-                      f"{v['p99_us']}" for name, v in scripts.items()]
-        lines += ["", f"steps ({cfg['workers']} worker(s)): req/s, p50/p99 ms, server CPU us/call"
-                  ", Redis us/Check, degraded answers"]
+            lines += [
+                "",
+                f"Redis time by command ({cfg['workers']} worker(s); extra step at c="
+                f"{cfg['check']['redis_scripts']['concurrency']} with SLOWLOG on): "
+                "us per Check, mean / p99 us per call",
+            ]
+            lines += [
+                f"  {name:>14}  {v['us_per_check']:6.1f}  {v['mean_us']:6.1f} / {v['p99_us']}"
+                for name, v in scripts.items()
+            ]
+        lines += [
+            "",
+            f"steps ({cfg['workers']} worker(s)): req/s, p50/p99 ms, server CPU us/call"
+            ", Redis us/Check, degraded answers",
+        ]
         for kind in ("echo", "check"):
             for step in [*cfg[kind]["closed"], cfg[kind].get("open")]:
                 if not step:
                     continue
                 k = step["cost"]
-                where = (f"c={step['concurrency']}" if step["mode"] == "closed"
-                         else f"open {step['target_rps']:.0f}/s")
+                where = (
+                    f"c={step['concurrency']}"
+                    if step["mode"] == "closed"
+                    else f"open {step['target_rps']:.0f}/s"
+                )
                 rate = step.get("throughput_rps", step.get("achieved_rps"))
                 lat = step["latency_ms"]
                 lines.append(
                     f"  {kind:>5} {where:>14}  {_fmt(rate):>6} req/s  {_fmt(lat['p50'], '.2f'):>6}"
                     f" / {_fmt(lat['p99'], '.2f'):>6} ms  {_fmt(k.get('server_cpu_us_per_call')):>5}"
                     f" us  {_fmt(k.get('redis', {}).get('us_per_call'), '.0f'):>4} us"
-                    f"  {step.get('degraded', 0)}")
+                    f"  {step.get('degraded', 0)}"
+                )
     if len(report["summaries"]) > 1:
         best = max(report["summaries"], key=lambda s: s["throughput_ratio_check_to_echo"] or 0)
-        lines += ["", f"highest Check/echo throughput ratio: {best['workers']} worker(s) "
-                  f"({best['throughput_ratio_check_to_echo']})"]
+        lines += [
+            "",
+            f"highest Check/echo throughput ratio: {best['workers']} worker(s) "
+            f"({best['throughput_ratio_check_to_echo']})",
+        ]
     scoring = report.get("scoring", {})
     lines += ["", f"scoring micro-benchmark: {scoring.get('status')}"]
     if scoring.get("status") == "ok":
         res = scoring["result"]
-        lines.append(f"  {res.get('num_trees')} trees x {res.get('max_leaves')} leaves, "
-                     f"us per row (p50 / p99 / mean):")
+        lines.append(
+            f"  {res.get('num_trees')} trees x {res.get('max_leaves')} leaves, us per row (p50 / p99 / mean):"
+        )
         for engine, r in (res.get("results_us") or {}).items():
-            lines.append(f"  {engine:>18}  {_fmt(r.get('p50'), '.2f')} / "
-                         f"{_fmt(r.get('p99'), '.2f')} / {_fmt(r.get('mean'), '.2f')}")
+            lines.append(
+                f"  {engine:>18}  {_fmt(r.get('p50'), '.2f')} / "
+                f"{_fmt(r.get('p99'), '.2f')} / {_fmt(r.get('mean'), '.2f')}"
+            )
     for cfg in report["configs"]:
         prof = cfg.get("check_profile")
         if prof and prof.get("samples"):
-            lines += ["", f"py-spy profile of the gate ({cfg['workers']} worker(s)), "
-                      f"{prof['samples']} samples (Python frames; C and Cython time shows as "
-                      "the self time of the calling frame). Self %:"]
+            lines += [
+                "",
+                f"py-spy profile of the gate ({cfg['workers']} worker(s)), "
+                f"{prof['samples']} samples (Python frames; C and Cython time shows as "
+                "the self time of the calling frame). Self %:",
+            ]
             lines += [f"  {pct:5.1f}  {name}" for name, pct in prof["self_pct"][:15]]
             lines.append("  inclusive % of the gate's own functions:")
-            lines += [f"  {pct:5.1f}  {name}" for name, pct in prof["inclusive_pct"]
-                      if "(gate/" in name][:12]
+            lines += [f"  {pct:5.1f}  {name}" for name, pct in prof["inclusive_pct"] if "(gate/" in name][:12]
     return "\n".join(lines)
 
 
@@ -551,28 +672,44 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
-    p.add_argument("--workers", default="2",
-                   help="worker processes per server; a list (e.g. 1,2) runs each in turn")
+    p.add_argument(
+        "--workers", default="2", help="worker processes per server; a list (e.g. 1,2) runs each in turn"
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per closed-loop step")
-    p.add_argument("--open-duration", type=float, default=None,
-                   help="seconds of the open-loop step (default: 2 x --duration)")
+    p.add_argument(
+        "--open-duration",
+        type=float,
+        default=None,
+        help="seconds of the open-loop step (default: 2 x --duration)",
+    )
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before a step")
-    p.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[1, 8, 32, 64])
+    p.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     p.add_argument("--open-fraction", type=float, default=0.5)
     p.add_argument("--channels", type=int, default=4, help="client connections")
     p.add_argument("--accounts", type=int, default=20_000)
     p.add_argument("--zipf", type=float, default=0.7, help="account activity skew exponent")
-    p.add_argument("--no-seed-orders", dest="seed_orders", action="store_false",
-                   help="skip recording one ORDER_PLACED per account before the Check phase")
+    p.add_argument(
+        "--no-seed-orders",
+        dest="seed_orders",
+        action="store_false",
+        help="skip recording one ORDER_PLACED per account before the Check phase",
+    )
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--ready-timeout", type=float, default=60.0)
     p.add_argument("--scoring-timeout", type=float, default=180.0)
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="before each configuration, wait up to this long for other processes "
-                   "to leave the CPUs idle (shared VMs)")
-    p.add_argument("--profile", action="store_true",
-                   help="sample the gate with py-spy during the Check phase (costs some CPU)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each configuration, wait up to this long for other processes "
+        "to leave the CPUs idle (shared VMs)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the gate with py-spy during the Check phase (costs some CPU)",
+    )
     return p
 
 
@@ -589,33 +726,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gate.devredis import start_redis
 
     started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        model_dir: Path = args.model_dir
-        throwaway = not model_dir.exists()
-        if throwaway:
-            tmp = Path(tempfile.mkdtemp(prefix="bench-bundle-"))
-            stack.callback(shutil.rmtree, tmp, True)
-            log(f"{model_dir} does not exist: building a THROW-AWAY bundle (synthetic data, "
-                "as the tests' bundle_dir fixture); its figures are not the real model's")
-            model_dir = build_throwaway_bundle(tmp / "bundle")
-        model = model_info(model_dir)
-        redis = start_redis()
-        stack.callback(shutil.rmtree, redis.workdir, True)
-        stack.callback(redis.kill)
-        stack.callback(redis.stop)
-        configs = []
-        for workers in workers_list:
-            configs.append(bench_config(workers, args, redis, model_dir, out_dir))
-        scoring = run_scoring(model_dir, out_dir, args.scoring_timeout)
-        redis_version = redis.client().info("server").get("redis_version")
+    started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        with contextlib.ExitStack() as stack:
+            model_dir: Path = args.model_dir
+            throwaway = not model_dir.exists()
+            if throwaway:
+                tmp = Path(tempfile.mkdtemp(prefix="bench-bundle-"))
+                stack.callback(shutil.rmtree, tmp, True)
+                log(
+                    f"{model_dir} does not exist: building a THROW-AWAY bundle (synthetic data, "
+                    "as the tests' bundle_dir fixture); its figures are not the real model's"
+                )
+                model_dir = build_throwaway_bundle(tmp / "bundle")
+            model = model_info(model_dir)
+            redis = start_redis()
+            stack.callback(shutil.rmtree, redis.workdir, True)
+            stack.callback(redis.kill)
+            stack.callback(redis.stop)
+            configs = []
+            for workers in workers_list:
+                configs.append(bench_config(workers, args, redis, model_dir, out_dir))
+            scoring = run_scoring(model_dir, out_dir, args.scoring_timeout)
+            redis_version = redis.client().info("server").get("redis_version")
+    except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        print(f"\nFAILED: the benchmark could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     summaries = [summarize(c) for c in configs]
     report: dict[str, Any] = {
         "meta": {
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "date": started_at,
             "machine": f"{platform.system()} {platform.machine()} {platform.node()}",
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "grpc": _version("grpcio"), "protobuf": _version("protobuf"),
-            "redis": redis_version, "model": model, "model_throwaway": throwaway,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpc": _version("grpcio"),
+            "protobuf": _version("protobuf"),
+            "redis": redis_version,
+            "model": model,
+            "model_throwaway": throwaway,
             "seconds": round(time.monotonic() - started, 1),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         },
@@ -629,22 +777,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwritten: {out} ({report['meta']['seconds']} s)")
     for s in summaries:
         if s["check"]["degraded"]:
-            print(f"\nWARNING ({s['workers']} worker(s)): {s['check']['degraded']} Check answers "
-                  "were degraded (Redis timed out or failed): the figures are not clean",
-                  file=sys.stderr)
+            print(
+                f"\nWARNING ({s['workers']} worker(s)): {s['check']['degraded']} Check answers "
+                "were degraded (Redis timed out or failed): the figures are not clean",
+                file=sys.stderr,
+            )
         for kind in ("echo", "check"):
             if s[kind]["dropped_open_loop"]:
-                print(f"\nWARNING ({s['workers']} worker(s)): {kind} open loop dropped "
-                      f"{s[kind]['dropped_open_loop']} arrivals (over {MAX_OUTSTANDING} in "
-                      "flight): the server could not keep up with half load", file=sys.stderr)
-    busy = [f"{s['workers']}w/{kind} {s[kind]['other_processes_cpu_cores']}" for s in summaries
-            for kind in ("echo", "check") if (s[kind]["other_processes_cpu_cores"] or 0) > 0.2]
+                print(
+                    f"\nWARNING ({s['workers']} worker(s)): {kind} open loop dropped "
+                    f"{s[kind]['dropped_open_loop']} arrivals (over {MAX_OUTSTANDING} in "
+                    "flight): the server could not keep up with half load",
+                    file=sys.stderr,
+                )
+    busy = [
+        f"{s['workers']}w/{kind} {s[kind]['other_processes_cpu_cores']}"
+        for s in summaries
+        for kind in ("echo", "check")
+        if (s[kind]["other_processes_cpu_cores"] or 0) > 0.2
+    ]
     if busy:
-        print("\nWARNING: other processes used CPU during the run (cores: " + ", ".join(busy)
-              + "): on 2 CPUs that distorts every figure; rerun on a quiet machine",
-              file=sys.stderr)
-    failures = {f"{s['workers']}w/{kind}": s[kind]["errors"] for s in summaries
-                for kind in ("echo", "check") if s[kind]["errors"]}
+        print(
+            "\nWARNING: other processes used CPU during the run (cores: "
+            + ", ".join(busy)
+            + "): on 2 CPUs that distorts every figure; rerun on a quiet machine",
+            file=sys.stderr,
+        )
+    failures = {
+        f"{s['workers']}w/{kind}": s[kind]["errors"]
+        for s in summaries
+        for kind in ("echo", "check")
+        if s[kind]["errors"]
+    }
     if failures:
         print(f"\nFAILED: calls ended with non-OK status: {json.dumps(failures)}", file=sys.stderr)
         return 1
