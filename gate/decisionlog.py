@@ -103,7 +103,7 @@ class DecisionLog:
         commands = [("XADD", self.key, "MAXLEN", "~", self.maxlen, "*", "d", r.to_json())
                     for r in batch]
         try:
-            replies = await self.conn.call(commands, WRITE_TIMEOUT_S)
+            replies = await self.conn.call(commands, WRITE_TIMEOUT_S, urgent=False)
         except RedisError:
             self._drop(len(batch))
             return

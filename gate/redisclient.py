@@ -5,7 +5,9 @@ its pipelines ask ``SCRIPT EXISTS`` before every EVALSHA batch (a second round t
 connection packs commands with ``hiredis.pack_command``, parses with ``hiredis.Reader``, and
 coalesces every batch queued in one event-loop tick into a single socket write, so all Checks that
 arrive together share one round trip (the idea of envoy ratelimit's pipeline window). Replies come
-back in order, so each batch simply takes the next N replies.
+back in order, so each batch simply takes the next N replies. Work nobody waits for (stored
+answers, the decision log) is sent "lazily": it rides along with the next urgent write, or goes
+out on its own after ``lazy_flush_s`` — each separate write would wake redis-server again.
 
 Failure behaviour is explicit and fast, because callers have a millisecond budget:
 - no retries here; a lost connection fails every pending batch at once with RedisUnavailable and
@@ -145,16 +147,20 @@ class RedisConnection:
         connect_timeout_s: float = 0.2,
         stall_s: float = 0.5,
         max_backoff_s: float = 1.0,
+        lazy_flush_s: float = 0.002,
         on_connect: Sequence[Command] = (),
     ) -> None:
         self.address = address
         self.connect_timeout_s = connect_timeout_s
         self.stall_s = stall_s
         self.max_backoff_s = max_backoff_s
+        self.lazy_flush_s = lazy_flush_s
         self.on_connect = list(on_connect)
         self._proto: _Protocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._buffer: list[bytes] = []
-        self._flush_scheduled = False
+        self._flush_soon = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._closed = False
         self.connects = 0
@@ -167,7 +173,7 @@ class RedisConnection:
 
     async def connect(self) -> None:
         """Open the connection now (raises RedisUnavailable if it cannot within the timeout)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         a = self.address
         try:
             async with asyncio.timeout(self.connect_timeout_s):
@@ -193,32 +199,38 @@ class RedisConnection:
             raise RedisUnavailable(f"cannot connect to redis: {type(exc).__name__}") from None
         self.connects += 1
 
-    def send(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
+    def send(self, commands: Sequence[Command], *, urgent: bool = True
+             ) -> asyncio.Future[list[Any]]:
         """Queue a batch; its future resolves to the list of replies, in order.
 
+        Urgent batches are written at the end of this loop tick, with everything queued so far;
+        lazy ones wait for the next urgent write or ``lazy_flush_s``, whichever comes first.
         Error replies come back as ``hiredis.ReplyError`` items, not exceptions, so one failed
         command does not hide the others' results.
         """
-        proto = self._proto
-        if proto is None:
+        proto, loop = self._proto, self._loop
+        if proto is None or loop is None:
             self._ensure_reconnecting()
             raise RedisUnavailable("redis connection is down")
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         buf = self._buffer
         for cmd in commands:
             buf.append(hiredis.pack_command(tuple(cmd)))  # type: ignore[arg-type]
         proto.pending.append(_Batch(future, len(commands), time.monotonic()))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        if urgent:
+            if not self._flush_soon:
+                self._flush_soon = True
+                loop.call_soon(self._flush)
+        elif self._lazy_timer is None:
+            self._lazy_timer = loop.call_later(self.lazy_flush_s, self._flush)
         return future
 
-    async def call(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
+    async def call(self, commands: Sequence[Command], timeout_s: float, *,
+                   urgent: bool = True) -> list[Any]:
         """Send a batch and wait at most ``timeout_s`` for all its replies."""
-        future = self.send(commands)
-        loop = asyncio.get_running_loop()
-        handle = loop.call_later(timeout_s, self._expire, future)
+        future = self.send(commands, urgent=urgent)
+        assert self._loop is not None
+        handle = self._loop.call_later(timeout_s, self._expire, future)
         try:
             return await future
         finally:
@@ -234,7 +246,10 @@ class RedisConnection:
             self._abort("redis stalled")
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_soon = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         if self._buffer and self._proto is not None and self._proto.transport is not None:
             self._proto.transport.write(b"".join(self._buffer))
         self._buffer.clear()

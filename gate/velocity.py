@@ -85,14 +85,16 @@ LOAD_SCRIPTS: list[Command] = [("SCRIPT", "LOAD", s.source) for s in SCRIPTS]
 class IdHasher:
     """Keyed hash of identifiers: 12 URL-safe characters (72 bits), one namespace per kind."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_keyed",)
 
     def __init__(self, key: str) -> None:
-        self._key = hashlib.blake2b(key.encode(), digest_size=32).digest()
+        secret = hashlib.blake2b(key.encode(), digest_size=32).digest()
+        self._keyed = hashlib.blake2b(key=secret, digest_size=9)  # keyed once, copied per id
 
     def __call__(self, kind: str, value: str) -> str:
-        digest = hashlib.blake2b(f"{kind}\x00{value}".encode(), key=self._key, digest_size=9)
-        return base64.urlsafe_b64encode(digest.digest()).decode()
+        h = self._keyed.copy()
+        h.update(f"{kind}\x00{value}".encode())
+        return base64.urlsafe_b64encode(h.digest()).decode()
 
 
 class Keys:
@@ -268,7 +270,7 @@ class VelocityStore:
         """
         try:
             future = self.conn.send([("SET", self.keys.reply(refund_hash), payload, "EX",
-                                      self.replay_ttl_s, "NX")])
+                                      self.replay_ttl_s, "NX")], urgent=False)
         except RedisError:
             return False
         future.add_done_callback(_consume)

@@ -1,7 +1,9 @@
 -- Account velocity: one sorted set per account holds the account's recent refunds, orders,
 -- deliveries, outcomes and the IPs, cities and devices it was seen on (score = time in ms).
 -- The account x merchant pair and the order are filters over the same set, so one script reads
--- all three exactly, under one hash tag.
+-- all three, under one hash tag. Windows come from the newest SCAN entries (exact for every
+-- account below that; saturating for the few above it, whose every window is extreme anyway);
+-- a retry is recognised exactly by ZSCORE of its member, however old.
 --
 -- Members (fields separated by '|'; every id is already a keyed hash):
 --   R|rid|amount|flags|merchant|order   refund request     O|eid|merchant|order  order placed
@@ -22,6 +24,7 @@ local now = tonumber(ARGV[2])
 local HOUR, DAY = 3600000, 86400000
 local KEEP = 90 * DAY
 local CAP = 300 -- an account past this many entries in 90 days saturates every window anyway
+local SCAN = 128 -- windows are computed from the newest entries only: a bounded cost per Check
 local SLACK = 3600000 -- trim at most once an hour: the check is cheap, the trim is not
 -- flag bits, shared with gate/velocity.py
 local F_INR, F_INR_DELIVERED, F_DIGITAL_QUICK, F_CM_UNRETURNED = 1, 2, 4, 8
@@ -31,14 +34,13 @@ local function seen(prefix, value, members)
 end
 
 -- Bound the set after a write: drop entries past KEEP (once the oldest is an hour past it), cap
--- the size (n = entries known to be in it, or nil to count), and slide the TTL.
-local function tidy(n)
+-- the size, and slide the TTL.
+local function tidy()
   local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
   if oldest and tonumber(oldest) < now - KEEP - SLACK then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now - KEEP)
-    n = nil
   end
-  n = n or redis.call('ZCARD', key)
+  local n = redis.call('ZCARD', key)
   if n > CAP then redis.call('ZREMRANGEBYRANK', key, 0, n - CAP - 1) end
   redis.call('PEXPIRE', key, KEEP + DAY)
 end
@@ -48,8 +50,10 @@ if op == 'r' then
   local ip, city, device = ARGV[8], ARGV[9], ARGV[10]
   local mine = 'R|' .. rid .. '|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. merchant .. '|' .. order
   local blocked = redis.call('EXISTS', KEYS[2])
-  local items = redis.call('ZRANGE', key, now - KEEP, '+inf', 'BYSCORE', 'WITHSCORES')
-  local status = 0
+  -- A retry is found exactly, however old (ZSCORE); the scan is bounded to the newest entries.
+  local status = redis.call('ZSCORE', key, mine) and 1 or 0
+  local items = redis.call('ZRANGE', key, '+inf', now - KEEP, 'BYSCORE', 'REV', 'LIMIT', 0, SCAN,
+                           'WITHSCORES')
   local r1h, r24h, r7d, r30d, amt30, inr30, inrd30, dq7, cm30 = 0, 0, 0, 0, 0, 0, 0, 0, 0
   local o30, ab90, pair_r30, pair_o30, ord_n, ord_amt, ord_delivered = 0, 0, 0, 0, 0, 0, 0
   local ips, cities, devices = 0, 0, 0
@@ -61,9 +65,7 @@ if op == 'r' then
     local t = string.byte(m, 1)
     if t == 82 then -- R
       local r, a, f, mm, oo = string.match(m, '^R|([^|]*)|(%d+)|(%d+)|([^|]*)|([^|]*)$')
-      if r == rid then
-        if m == mine then status = 1 else status = 2 end
-      end
+      if r == rid and m ~= mine then status = 2 end
       a = tonumber(a); f = tonumber(f)
       if oo == order then ord_n = ord_n + 1; ord_amt = ord_amt + a end
       if age < 30 * DAY then
@@ -115,8 +117,8 @@ if op == 'r' then
     if bit.band(flags, F_DIGITAL_QUICK) ~= 0 then dq7 = dq7 + 1 end
     local members = {now, mine}
     seen('I|', ip, members); seen('C|', city, members); seen('D|', device, members)
-    local added = redis.call('ZADD', key, 'GT', unpack(members))
-    tidy(#items / 2 + added)
+    redis.call('ZADD', key, 'GT', unpack(members))
+    tidy()
   end
   return {status, blocked, r1h, r24h, r7d, r30d, amt30, inr30, inrd30, dq7, cm30, o30,
           ips, cities, devices, ab90, pair_r30, pair_o30, ord_n, ord_amt, ord_delivered}
@@ -139,5 +141,5 @@ elseif op == 'u' then
 else
   return redis.error_reply('unknown op')
 end
-if added == 1 then tidy(nil) end
+if added == 1 then tidy() end
 return {1 - added}
