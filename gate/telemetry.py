@@ -8,8 +8,10 @@ parent-based with a 1 % ratio for root spans. Health checks are not traced. Span
 model version, degraded, breaker state and stage latencies — never ids, amounts or bodies.
 
 Export happens only when configured through the standard variables: OTLP when
-``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the per-signal variant) is set, nothing otherwise. Metrics
-are also served for Prometheus on the admin address (localhost by default).
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the per-signal variant) is set, nothing otherwise — and
+without a trace exporter no spans are made at all (the caller's trace context is still set as
+current, so log lines carry its trace id). Metrics are also served for Prometheus on the admin
+address (localhost by default).
 
 The hot path pays for one sampler decision per call and a handful of histogram records; spans
 below the server span exist only when it is sampled.
@@ -87,8 +89,12 @@ class Telemetry:
             return
         resource = Resource.create(
             {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-        self.tracer_provider = _tracer_provider(resource)
-        self.tracer = self.tracer_provider.get_tracer("gate")
+        if _otlp_configured("TRACES"):
+            self.tracer_provider = _tracer_provider(resource)
+            self.tracer = self.tracer_provider.get_tracer("gate")
+        else:  # spans nobody exports are pure cost; the caller's trace id still reaches logs
+            self.tracer_provider = None
+            self.tracer = trace.NoOpTracer()
         readers = list(metric_readers)
         if prometheus:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -111,6 +117,11 @@ class Telemetry:
         """The SERVER span of one call, continuing the caller's trace if it sent one."""
         carrier = _trace_headers(context.invocation_metadata())
         parent = propagate.extract(carrier) if carrier else None
+        if self.tracer_provider is None:
+            remote = trace.get_current_span(parent) if parent is not None else trace.INVALID_SPAN
+            with trace.use_span(remote, end_on_exit=False):
+                yield remote
+            return
         service, _, method = full_method.lstrip("/").partition("/")
         span = self.tracer.start_span(
             full_method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
@@ -154,11 +165,10 @@ def _tracer_provider(resource: Resource) -> TracerProvider:
     sampler = None
     if "OTEL_TRACES_SAMPLER" not in os.environ:
         sampler = ParentBased(TraceIdRatioBased(DEFAULT_ROOT_RATIO))
-    provider = TracerProvider(resource=resource, sampler=sampler)
-    if _otlp_configured("TRACES"):
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 
 
