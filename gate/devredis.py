@@ -5,7 +5,10 @@ Not used by the service itself, which connects to the Redis its settings name.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -49,6 +52,13 @@ class RedisProcess:
             self.proc.wait(timeout=10)
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the child when the process that started it dies, even if killed, so an
+    interrupted test run leaves no redis-server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_redis(port: int | None = None, timeout_s: float = 10.0) -> RedisProcess:
     """Start redis-server and return once it answers PING (or raise)."""
     binary = shutil.which("redis-server")
@@ -59,7 +69,7 @@ def start_redis(port: int | None = None, timeout_s: float = 10.0) -> RedisProces
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )
     client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
     deadline = time.monotonic() + timeout_s

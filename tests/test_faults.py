@@ -45,13 +45,14 @@ def rig(bundle_dir: Path) -> Iterator[Rig]:
     grpc.channel_ready_future(channel).result(timeout=10)
     stub = pb_grpc.RefundGateStub(channel)
     stub.Check(make_request(refund_id="warm-up"))  # first call pays for lazy imports
+    rig = Rig(redis, proxy, gate, stub)
     try:
-        yield Rig(redis, proxy, gate, stub)
+        yield rig
     finally:
         channel.close()
         gate.stop()
         proxy.stop()
-        redis.stop()
+        rig.redis.stop()  # the test that restarts Redis replaces rig.redis
 
 
 @pytest.fixture(autouse=True)
