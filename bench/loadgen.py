@@ -691,9 +691,14 @@ class Load:
         self.degraded = 0
         self.step_degraded = 0
         self.replayed = 0
+        # Status codes a step expects (the overload step: RESOURCE_EXHAUSTED): counted in the
+        # step's errors, kept out of the phase's (which fail the run).
+        self.expected: frozenset[str] = frozenset()
+        self.step_versions: collections.Counter[str] = collections.Counter()
         self._rr = itertools.count()
 
-    async def _call(self, call: Any) -> bool:
+    async def _call(self, call: Any) -> str:
+        """One Check; returns "OK" or the status code's name."""
         data = self.population.check()
         self.sent += 1
         try:
@@ -701,17 +706,20 @@ class Load:
         except grpc.aio.AioRpcError as err:
             self.completed += 1
             if self.abandoning:  # cancelled by us below (counted as UNFINISHED)
-                return False
-            self.errors[err.code().name] += 1
-            self.step_errors[err.code().name] += 1
-            return False
+                return "CANCELLED"
+            code = err.code().name
+            if code not in self.expected:
+                self.errors[code] += 1
+            self.step_errors[code] += 1
+            return code
         self.completed += 1
         resp = pb.CheckResponse.FromString(reply)
         self.decisions[pb.Decision.Name(resp.decision)] += 1
         self.degraded += resp.degraded
         self.step_degraded += resp.degraded
         self.replayed += resp.replayed
-        return True
+        self.step_versions[resp.model_version] += 1
+        return "OK"
 
     async def closed(self, concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
         """``concurrency`` callers, each calling again as soon as its call returns."""
@@ -724,7 +732,7 @@ class Load:
         async def caller(call: Any) -> None:
             while not stop:
                 t0 = time.perf_counter()
-                ok = await self._call(call)
+                ok = await self._call(call) == "OK"
                 t1 = time.perf_counter()
                 if ok and window[0] <= t1 <= window[1]:
                     latencies.append(t1 - t0)
@@ -750,9 +758,17 @@ class Load:
         }
 
     async def open(
-        self, rate: float, warmup_s: float, duration_s: float, poisson: bool = True
+        self,
+        rate: float,
+        warmup_s: float,
+        duration_s: float,
+        poisson: bool = True,
+        during: Flipper | None = None,
     ) -> dict[str, Any]:
-        """Arrivals at ``rate``/s regardless of answers; latency from the scheduled send time."""
+        """Arrivals at ``rate``/s regardless of answers; latency from the scheduled send time.
+
+        Failed calls' latencies are kept by status code (the overload step's RESOURCE_EXHAUSTED
+        answers should be fast); ``during`` (a thread) starts with the measured window."""
         loop = asyncio.get_running_loop()
         rng = random.Random(7)
         start = time.perf_counter() + 0.05
@@ -765,20 +781,27 @@ class Load:
         window = (start + warmup_s, end)
         latencies: list[float] = []
         send_lag: list[float] = []
+        failed: dict[str, list[float]] = collections.defaultdict(list)
+        sent_in_window = 0
         tasks: set[asyncio.Task[None]] = set()
         dropped = 0
         self.step_errors = collections.Counter()
         self.step_degraded = 0
+        self.step_versions = collections.Counter()
 
         async def one(scheduled: float) -> None:
+            nonlocal sent_in_window
             call = self.calls[next(self._rr) % len(self.calls)]
             sent = time.perf_counter()
-            ok = await self._call(call)
+            sent_in_window += window[0] <= sent < window[1]
+            status = await self._call(call)
             done = time.perf_counter()
             if window[0] <= scheduled < window[1]:
                 send_lag.append(sent - scheduled)
-                if ok:
+                if status == "OK":
                     latencies.append(done - scheduled)
+                elif status != "CANCELLED":
+                    failed[status].append(done - scheduled)
 
         def fire(batch: list[float]) -> None:
             nonlocal dropped
@@ -795,11 +818,16 @@ class Load:
         try:
             await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
             a = self.probe.snapshot(self.completed)
+            if during is not None:
+                during.start()
             await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
             b = self.probe.snapshot(self.completed)
         finally:
             pacer.stop.set()
             await asyncio.to_thread(pacer.join)
+            if during is not None and during.is_alive():
+                during.stop.set()
+                await asyncio.to_thread(during.join)
         unfinished = 0
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.timeout_s + 1.0)
@@ -820,14 +848,49 @@ class Load:
             "target_rps": round(rate, 1),
             "scheduled": scheduled_n,
             "achieved_rps": round(len(latencies) / duration_s, 1),
+            # What the client actually sent in the window (it is Python too: at overload it
+            # may not manage the target rate).
+            "offered_rps": round(sent_in_window / duration_s, 1),
             "ok": len(latencies),
             "dropped": dropped,
             "errors": dict(self.step_errors),
             "degraded": self.step_degraded,
+            "model_versions": dict(self.step_versions),
             "latency_ms": percentiles(latencies),
+            "failed_latency_ms": {code: percentiles(xs) for code, xs in sorted(failed.items())},
             "send_lag_ms": {k: v for k, v in percentiles(send_lag).items() if k in ("p50", "p99", "max")},
             "cost": cost(a, b),
         }
+
+
+class Flipper(threading.Thread):
+    """Flips the ``current`` symlink of a model directory between ``a`` and ``b``, ``flips``
+    times every ``interval_s`` from when it starts, atomically (a new link under a temporary
+    name, renamed over ``current``), as an operator's model rollout would."""
+
+    def __init__(self, model_dir: str, flips: int, interval_s: float) -> None:
+        super().__init__(name="flipper", daemon=True)
+        self.model_dir, self.flips, self.interval_s = model_dir, flips, interval_s
+        self.stop = threading.Event()
+        self.done = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        current = os.path.join(self.model_dir, "current")
+        tmp = os.path.join(self.model_dir, f".current.{os.getpid()}.tmp")
+        started = time.perf_counter()
+        for k in range(self.flips):
+            if self.stop.wait(max(0.0, started + k * self.interval_s - time.perf_counter())):
+                return
+            try:
+                target = "a" if os.readlink(current) == "b" else "b"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                os.symlink(target, tmp)
+                os.replace(tmp, current)
+                self.done += 1
+            except OSError as exc:
+                self.errors.append(str(exc))
 
 
 def _script_names() -> dict[str, str]:
@@ -924,6 +987,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         zipf=args.zipf,
         retry_share=args.retry_share,
         seed=args.seed,
+        run_tag=args.run_tag,
     )
     probe = Probe(pids, args.redis_url, args.redis_pid)
     gc.collect()
@@ -970,6 +1034,40 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.label,
                 f"open {step['target_rps']}/s: p50 {step['latency_ms']['p50']} "
                 f"p99 {step['latency_ms']['p99']} p99.9 {step['latency_ms']['p99.9']} ms",
+            )
+        if rate > 0 and args.reload_dir and args.reload_flips > 0:
+            flipper = Flipper(args.reload_dir, args.reload_flips, args.reload_interval)
+            window = args.reload_flips * args.reload_interval
+            step = await load.open(rate, args.warmup, window, args.arrivals == "poisson", during=flipper)
+            step["flips"] = flipper.done
+            step["flip_interval_s"] = args.reload_interval
+            step["flip_errors"] = flipper.errors
+            out["reload"] = step
+            _progress(
+                args.label,
+                f"open {step['target_rps']}/s with {flipper.done} model flips: p50 "
+                f"{step['latency_ms']['p50']} p99 {step['latency_ms']['p99']} p99.9 "
+                f"{step['latency_ms']['p99.9']} ms, versions {step['model_versions']}, "
+                f"errors {step['errors']}",
+            )
+        if args.overload_factor > 0 and "max" in out:
+            load.expected = frozenset({"RESOURCE_EXHAUSTED"})
+            try:
+                step = await load.open(
+                    out["max"]["throughput_rps"] * args.overload_factor,
+                    args.warmup,
+                    args.overload_duration,
+                    poisson=args.arrivals == "poisson",
+                )
+            finally:
+                load.expected = frozenset()
+            step["factor"] = args.overload_factor
+            out["overload"] = step
+            _progress(
+                args.label,
+                f"overload {step['target_rps']}/s (offered {step['offered_rps']}/s): OK "
+                f"{step['achieved_rps']}/s p50 {step['latency_ms']['p50']} p99 "
+                f"{step['latency_ms']['p99']} ms, errors {step['errors']}, dropped {step['dropped']}",
             )
         phase_end = probe.snapshot(load.completed)
         out["phase"] = {
@@ -1049,6 +1147,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipf", type=float, default=0.7, help="account activity skew exponent")
     p.add_argument("--retry-share", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--run-tag",
+        default="",
+        help="prefix of refund and order ids (default: from --seed); a new tag gives fresh ids "
+        "against a Redis that already saw this population",
+    )
+    p.add_argument(
+        "--reload-dir",
+        default="",
+        help="after the open loop, the same open loop again while the 'current' link of this "
+        "model directory flips between its 'a' and 'b' bundles",
+    )
+    p.add_argument("--reload-flips", type=int, default=20)
+    p.add_argument("--reload-interval", type=float, default=0.4, help="seconds between flips")
+    p.add_argument(
+        "--overload-factor",
+        type=float,
+        default=0.0,
+        help="last, an open loop at this multiple of the best closed-loop throughput "
+        "(RESOURCE_EXHAUSTED expected there, not counted as a phase error); 0: none",
+    )
+    p.add_argument("--overload-duration", type=float, default=10.0)
     p.add_argument("--out", default="-", help="JSON result file, - for stdout")
     return p
 

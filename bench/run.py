@@ -202,6 +202,28 @@ def wait_quiet(max_wait_s: float, threshold_cores: float = 0.15) -> float:
         log(f"machine busy ({busy:.2f} cores used by other processes); waiting")
 
 
+def reload_model_dir(bundle: Path, out: Path) -> dict[str, Any]:
+    """A model directory for the reload step: ``a`` (a copy of ``bundle``), ``b`` (another copy
+    whose manifest names version "<version>-b"; the manifest itself is not checksummed) and
+    ``current -> a``. The gate serves ``current`` and polls it; loadgen flips it."""
+    shutil.copytree(bundle.resolve(), out / "a")
+    shutil.copytree(bundle.resolve(), out / "b")
+    manifest_path = out / "b" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    version = str(manifest["version"])
+    manifest["version"] = f"{version}-b"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "current").symlink_to("a")
+    return {"dir": str(out), "a": version, "b": f"{version}-b"}
+
+
+def gate_has(setting: str) -> bool:
+    """Whether this gate version has a setting (so a flag of it can be passed)."""
+    from gate.settings import settings_fields
+
+    return setting in {f.name for f in settings_fields()}
+
+
 def gate_extra_flags() -> list[str]:
     """Flags of newer gate versions, if this gate has them: admin (metrics) endpoint on free
     ports (port 0: each worker picks one), so it never collides with another gate's."""
@@ -226,8 +248,10 @@ def run_loadgen(
     extra: Sequence[str] = (),
     profile_pid: int | None = None,
     profile_out: Path | None = None,
+    extra_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Run bench.loadgen against ``server`` in its own process and return its result."""
+    """Run bench.loadgen against ``server`` in its own process and return its result; flags in
+    ``extra`` come last, so they override the ones taken from ``args``."""
     argv = [
         PYTHON,
         "-m",
@@ -261,7 +285,11 @@ def run_loadgen(
         *extra,
     ]
     budget = (
-        len(args.concurrencies) * (args.warmup + args.duration + 2) + args.warmup + args.open_duration + 120
+        len(args.concurrencies) * (args.warmup + args.duration + 2)
+        + args.warmup
+        + args.open_duration
+        + extra_s
+        + 120
     )
     spy: subprocess.Popen[bytes] | None = None
     if profile_pid is not None and profile_out is not None:
@@ -363,6 +391,23 @@ def _frame_name(frame: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+async def ready(servers: Sequence[Server], timeout_s: float) -> list[float]:
+    """Wait until every worker of every server answers SERVING; seconds each took. Raises as
+    soon as one of them exits."""
+    every = asyncio.gather(*(wait_ready(s.target, s.workers, timeout_s) for s in servers))
+    watch = asyncio.ensure_future(exited(servers))
+    futures: list[asyncio.Future[Any]] = [every, watch]
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+        if watch.done():
+            watch.result()  # raises: a server died while we waited for it
+        return list(await every)
+    finally:
+        for future in futures:
+            future.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+
+
 def bench_config(
     workers: int, args: argparse.Namespace, redis: Any, model_dir: Path, out_dir: Path
 ) -> dict[str, Any]:
@@ -375,48 +420,44 @@ def bench_config(
     client.close()
     tag = f"w{workers}"
     gate_port, echo_port = free_port(), free_port()
-    gate_argv = [
-        *gate_command(),
-        "serve",
-        "--listen",
-        f"127.0.0.1:{gate_port}",
-        "--workers",
-        str(workers),
-        "--redis-url",
-        redis.url,
-        "--model-dir",
-        str(model_dir),
-        "--allow-client-time",
-        "--grace-s",
-        "1",
-        *gate_extra_flags(),
-    ]
+    # The gate serves the bundle through a model directory of two copies (a, b) whose
+    # 'current' link the reload step flips; polled every 0.1 s (a stat of a few files).
+    reloads = None
+    served = model_dir
+    poll: list[str] = []
+    if args.reload_flips > 0:
+        reload_dir = Path(tempfile.mkdtemp(prefix=f"bench-reload-{tag}-"))
+        reloads = reload_model_dir(model_dir, reload_dir)
+        served, poll = reload_dir, ["--model-poll-s", "0.1"]
+
+    def gate_argv(port: int, *more: str) -> list[str]:
+        return [
+            *gate_command(),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--redis-url",
+            redis.url,
+            "--model-dir",
+            str(served),
+            *poll,
+            "--allow-client-time",
+            "--grace-s",
+            "1",
+            *gate_extra_flags(),
+            *more,
+        ]
     echo_argv = [PYTHON, "-m", "bench.echo", "--listen", f"127.0.0.1:{echo_port}", "--workers", str(workers)]
     servers: list[Server] = []
     try:
-        gate = start_server("gate", gate_argv, gate_port, workers, out_dir / f"gate-{tag}.log")
+        gate = start_server("gate", gate_argv(gate_port), gate_port, workers, out_dir / f"gate-{tag}.log")
         servers.append(gate)
         echo = start_server("echo", echo_argv, echo_port, workers, out_dir / f"echo-{tag}.log")
         servers.append(echo)
 
-        async def ready() -> list[float]:
-            both = asyncio.gather(
-                wait_ready(gate.target, gate.workers, args.ready_timeout),
-                wait_ready(echo.target, echo.workers, args.ready_timeout),
-            )
-            watch = asyncio.ensure_future(exited(servers))
-            futures: list[asyncio.Future[Any]] = [both, watch]
-            try:
-                await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-                if watch.done():
-                    watch.result()  # raises: a server died while we waited for it
-                return list(await both)
-            finally:
-                for future in futures:
-                    future.cancel()
-                await asyncio.gather(*futures, return_exceptions=True)
-
-        took = asyncio.run(ready())
+        took = asyncio.run(ready([gate, echo], args.ready_timeout))
         log(f"{workers} worker(s): gate SERVING after {took[0]:.1f} s, echo after {took[1]:.1f} s")
         echo_result = run_loadgen("echo", echo, args, out_dir / f"loadgen-echo-{tag}.json")
         echo.stop()
@@ -426,23 +467,92 @@ def bench_config(
                 "seed", gate, args, out_dir / f"loadgen-seed-{tag}.json", extra=["--seed-only"]
             ).get("seed")
         profile = out_dir / f"check-profile-{tag}.txt" if args.profile else None
+        steps = ["--overload-factor", str(args.overload_factor)]
+        steps += ["--overload-duration", str(min(args.open_duration, 10.0))]
+        if reloads is not None:
+            steps += ["--reload-dir", reloads["dir"], "--reload-flips", str(args.reload_flips)]
+            steps += ["--reload-interval", str(args.reload_interval)]
         check_result = run_loadgen(
             "check",
             gate,
             args,
             out_dir / f"loadgen-check-{tag}.json",
-            extra=["--redis-url", redis.url, "--redis-pid", str(redis.proc.pid), "--script-breakdown"],
+            extra=[
+                "--redis-url",
+                redis.url,
+                "--redis-pid",
+                str(redis.proc.pid),
+                "--script-breakdown",
+                *steps,
+            ],
             profile_pid=gate.proc.pid if profile else None,
             profile_out=profile,
+            extra_s=2 * (args.warmup + args.open_duration) + args.reload_flips * args.reload_interval,
         )
         check_result["seed"] = seed
+        if reloads is not None and "reload" in check_result:
+            check_result["reload"]["versions_named"] = reloads
         result: dict[str, Any] = {"workers": workers, "echo": echo_result, "check": check_result}
         if profile is not None and profile.exists():
             result["check_profile"] = summarize_profile(profile)
+        gate.stop()
+        if args.telemetry_cost and gate_has("telemetry"):
+            result["check_no_telemetry"] = bench_no_telemetry(
+                workers, args, redis, check_result, gate_argv, servers, out_dir
+            )
         return result
     finally:
         for server in servers:
             server.stop()
+        if reloads is not None:
+            shutil.rmtree(reloads["dir"], ignore_errors=True)
+
+
+def bench_no_telemetry(
+    workers: int,
+    args: argparse.Namespace,
+    redis: Any,
+    check_result: dict[str, Any],
+    gate_argv: Any,
+    servers: list[Server],
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The gate again with ``--no-telemetry``, shorter procedure: closed loop at the concurrency
+    of the telemetry-on max, open loop at the same rate as the telemetry-on half-load step.
+    Fresh refund/order ids (a new run tag) against the same Redis, so nothing is replayed."""
+    if args.wait_quiet > 0:
+        wait_quiet(args.wait_quiet)
+    tag = f"w{workers}"
+    port = free_port()
+    log_path = out_dir / f"gate-notel-{tag}.log"
+    gate = start_server("gate-no-telemetry", gate_argv(port, "--no-telemetry"), port, workers, log_path)
+    servers.append(gate)
+    took = asyncio.run(ready([gate], args.ready_timeout))
+    log(f"{workers} worker(s): gate --no-telemetry SERVING after {took[0]:.1f} s")
+    best = check_result["max"]
+    rate = check_result.get("open", {}).get("target_rps") or best["throughput_rps"] * args.open_fraction
+    result = run_loadgen(
+        "check-no-telemetry",
+        gate,
+        args,
+        out_dir / f"loadgen-check-notel-{tag}.json",
+        extra=[
+            "--redis-url",
+            redis.url,
+            "--redis-pid",
+            str(redis.proc.pid),
+            "--concurrencies",
+            str(best["concurrency"]),
+            "--open-rate",
+            str(rate),
+            "--open-duration",
+            str(args.duration),
+            "--run-tag",
+            f"notel{os.getpid():x}{int(time.time()):x}",
+        ],
+    )
+    gate.stop()
+    return result
 
 
 def summarize(config: dict[str, Any]) -> dict[str, Any]:
@@ -488,6 +598,9 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
         out["cpu_ratio_check_to_echo"] = round(
             c["server_cpu_us_per_call_at_max"] / e["server_cpu_us_per_call_at_max"], 2
         )
+    out["overload"] = summarize_overload(config["check"])
+    out["reload"] = summarize_reload(config["check"], c)
+    out["telemetry_cost"] = summarize_telemetry(config, c)
     p99 = c["half_load_latency_ms"]["p99"]
     rus = c["redis_us_per_check"]
     out["goals"] = {
@@ -497,6 +610,87 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
         "redis_us_per_check<=40_goal": rus is not None and rus <= GOALS["redis_us_per_check_goal"],
     }
     return out
+
+
+def summarize_overload(check: dict[str, Any]) -> dict[str, Any] | None:
+    """The 2x-max open-loop step: offered vs answered, shed share, latency of each kind."""
+    step = check.get("overload")
+    if not step:
+        return None
+    errors = dict(step["errors"])
+    shed = errors.pop("RESOURCE_EXHAUSTED", 0)
+    answered = step["ok"] + shed + sum(errors.values())
+    lat = step.get("failed_latency_ms", {}).get("RESOURCE_EXHAUSTED", {})
+    return {
+        "factor": step.get("factor"),
+        "target_rps": step["target_rps"],
+        "offered_rps": step.get("offered_rps"),
+        "ok_rps": step["achieved_rps"],
+        "resource_exhausted": shed,
+        "resource_exhausted_share": round(shed / answered, 3) if answered else None,
+        "ok_latency_ms": {k: step["latency_ms"].get(k) for k in ("p50", "p99", "p99.9")},
+        "resource_exhausted_latency_ms": {k: lat.get(k) for k in ("p50", "p99", "p99.9")},
+        "other_errors": errors,
+        "dropped_open_loop": step.get("dropped", 0),
+        "degraded": step.get("degraded", 0),
+        "send_lag_ms": step.get("send_lag_ms"),
+        "other_processes_cpu_cores": step["cost"].get("other_processes_cpu_cores"),
+    }
+
+
+def summarize_reload(check: dict[str, Any], c: dict[str, Any]) -> dict[str, Any] | None:
+    """The open-loop step during model flips, beside the steady half-load step."""
+    step = check.get("reload")
+    if not step:
+        return None
+    lat = {k: step["latency_ms"].get(k) for k in ("p50", "p99", "p99.9")}
+    steady = c["half_load_latency_ms"]
+    ratio = {
+        k: round(lat[k] / steady[k], 2) if lat[k] is not None and steady.get(k) else None for k in lat
+    }
+    return {
+        "rate_rps": step["target_rps"],
+        "flips": step.get("flips"),
+        "flip_interval_s": step.get("flip_interval_s"),
+        "flip_errors": step.get("flip_errors", []),
+        "failed_calls": sum(step["errors"].values()) + step.get("dropped", 0),
+        "errors": step["errors"],
+        "responses_by_version": step.get("model_versions", {}),
+        "latency_ms": lat,
+        "steady_latency_ms": steady,
+        "ratio_to_steady": ratio,
+        "p99_within_2x": ratio["p99"] is not None and ratio["p99"] <= 2.0,
+        "other_processes_cpu_cores": step["cost"].get("other_processes_cpu_cores"),
+    }
+
+
+def summarize_telemetry(config: dict[str, Any], c: dict[str, Any]) -> dict[str, Any] | None:
+    """Telemetry on (the main Check phase) vs off (the --no-telemetry gate, same run)."""
+    off = config.get("check_no_telemetry")
+    if not off or not off.get("closed"):
+        return None
+    off_closed = off["closed"][0]
+    off_open = off.get("open", {})
+    on_tp, off_tp = c["max_throughput_rps"], off_closed["throughput_rps"]
+    on_cpu = c["server_cpu_us_per_call_at_max"]
+    off_cpu = off_closed["cost"].get("server_cpu_us_per_call")
+    return {
+        "concurrency": off_closed["concurrency"],
+        "on_throughput_rps": on_tp,
+        "off_throughput_rps": off_tp,
+        "throughput_cost_pct": round(100.0 * (off_tp - on_tp) / off_tp, 1) if off_tp else None,
+        "on_server_cpu_us_per_call": on_cpu,
+        "off_server_cpu_us_per_call": off_cpu,
+        "server_cpu_cost_pct": round(100.0 * (on_cpu - off_cpu) / on_cpu, 1) if on_cpu and off_cpu else None,
+        "half_load_rps": off_open.get("target_rps"),
+        "on_half_load_latency_ms": c["half_load_latency_ms"],
+        "off_half_load_latency_ms": {
+            k: off_open.get("latency_ms", {}).get(k) for k in ("p50", "p99", "p99.9")
+        },
+        "errors": off["phase"]["errors"],
+        "degraded": off["phase"]["degraded"],
+        "other_processes_cpu_cores": off["phase"]["cost"].get("other_processes_cpu_cores"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +732,53 @@ def _fmt(value: Any, spec: str = ".0f") -> str:
 
 def _lat(d: dict[str, Any]) -> str:
     return " / ".join(_fmt(d.get(k), ".2f") for k in ("p50", "p99", "p99.9"))
+
+
+def render_extra_steps(s: dict[str, Any]) -> list[str]:
+    """Overload, telemetry cost and model reloads of one configuration."""
+    lines: list[str] = []
+    over, tel, rel = s.get("overload"), s.get("telemetry_cost"), s.get("reload")
+    if over:
+        lines += [
+            "",
+            f"overload, open loop at {_fmt(over['factor'], '.0f')}x max ({_fmt(over['target_rps'])} req/s "
+            f"target, {_fmt(over['offered_rps'])} req/s actually offered by the client)",
+            f"{'  OK rate (req/s)':34}{_fmt(over['ok_rps']):>23}",
+            f"{'  RESOURCE_EXHAUSTED (count, share)':34}"
+            f"{str(over['resource_exhausted']) + ', ' + _fmt(over['resource_exhausted_share'], '.1%'):>23}",
+            f"{'  OK p50/p99/p99.9 (ms)':34}{_lat(over['ok_latency_ms']):>23}",
+            f"{'  RESOURCE_EXHAUSTED p50/p99/p99.9':34}{_lat(over['resource_exhausted_latency_ms']):>23}",
+            f"{'  other statuses / dropped':34}{json.dumps(over['other_errors']):>23}"
+            f"   {over['dropped_open_loop']} dropped, {over['degraded']} degraded, "
+            f"other processes {_fmt(over['other_processes_cpu_cores'], '.2f')} cores",
+        ]
+    if tel:
+        lines += [
+            "",
+            f"telemetry cost (second gate run with --no-telemetry){'':6}{'on':>10}{'off':>23}   cost",
+            f"{'  closed loop @' + str(tel['concurrency']) + ' (req/s)':34}"
+            f"{_fmt(tel['on_throughput_rps']):>23}{_fmt(tel['off_throughput_rps']):>23}"
+            f"   {_fmt(tel['throughput_cost_pct'], '.1f')} %  (goal <= 10 %)",
+            f"{'  server CPU us/call':34}{_fmt(tel['on_server_cpu_us_per_call']):>23}"
+            f"{_fmt(tel['off_server_cpu_us_per_call']):>23}   {_fmt(tel['server_cpu_cost_pct'], '.1f')} %",
+            f"{'  half load ' + _fmt(tel['half_load_rps']) + '/s p50/p99/p99.9':34}"
+            f"{_lat(tel['on_half_load_latency_ms']):>23}{_lat(tel['off_half_load_latency_ms']):>23}",
+            f"{'  off run: errors, other processes':34}{json.dumps(tel['errors']):>23}"
+            f"{_fmt(tel['other_processes_cpu_cores'], '.2f') + ' cores':>23}",
+        ]
+    if rel:
+        ratio = rel["ratio_to_steady"]
+        lines += [
+            "",
+            f"model reloads under load: {rel['flips']} flips every {rel['flip_interval_s']} s, open loop "
+            f"{_fmt(rel['rate_rps'])} req/s{'':3}{'steady':>10}{'reloading':>23}   ratio",
+            f"{'  p50/p99/p99.9 (ms)':34}{_lat(rel['steady_latency_ms']):>23}{_lat(rel['latency_ms']):>23}"
+            f"   {' / '.join(_fmt(ratio[k], '.2f') for k in ('p50', 'p99', 'p99.9'))}"
+            f"  p99 <= 2x {'ok' if rel['p99_within_2x'] else 'MISSED'}",
+            f"{'  failed calls / responses by version':34}{rel['failed_calls']:>23}"
+            f"   {json.dumps(rel['responses_by_version'])}",
+        ]
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -593,6 +834,7 @@ def render(report: dict[str, Any]) -> str:
             f"{'Check decisions':34}{json.dumps(c['decisions'])}  degraded "
             f"{c['degraded']}, replayed {c['replayed']}",
         ]
+        lines += render_extra_steps(s)
     for cfg in report["configs"]:
         scripts = cfg["check"].get("redis_scripts", {}).get("scripts", {})
         if scripts:
@@ -706,6 +948,27 @@ def build_parser() -> argparse.ArgumentParser:
         "to leave the CPUs idle (shared VMs)",
     )
     p.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.0,
+        help="last Check step: open loop at this multiple of the max throughput "
+        "(RESOURCE_EXHAUSTED expected there); 0 skips it",
+    )
+    p.add_argument(
+        "--reload-flips",
+        type=int,
+        default=20,
+        help="model reloads under load: flips of the served model dir's 'current' link "
+        "during an extra half-load open loop; 0 skips the step (and serves --model-dir directly)",
+    )
+    p.add_argument("--reload-interval", type=float, default=0.4, help="seconds between model flips")
+    p.add_argument(
+        "--no-telemetry-cost",
+        dest="telemetry_cost",
+        action="store_false",
+        help="skip the second gate run with --no-telemetry",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="sample the gate with py-spy during the Check phase (costs some CPU)",
@@ -809,6 +1072,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind in ("echo", "check")
         if s[kind]["errors"]
     }
+    for s in summaries:
+        over, rel, tel = s.get("overload"), s.get("reload"), s.get("telemetry_cost")
+        if over and over["other_errors"]:  # RESOURCE_EXHAUSTED is expected there, nothing else
+            failures[f"{s['workers']}w/overload"] = over["other_errors"]
+        if rel and rel["failed_calls"]:
+            failures[f"{s['workers']}w/reload"] = {"failed_calls": rel["failed_calls"], **rel["errors"]}
+        if rel and (len(rel["responses_by_version"]) < 2 or rel["flip_errors"]):
+            print(
+                f"\nWARNING ({s['workers']} worker(s)): the reload step did not see both model "
+                f"versions ({rel['responses_by_version']}; flip errors {rel['flip_errors']})",
+                file=sys.stderr,
+            )
+        if tel and tel["errors"]:
+            failures[f"{s['workers']}w/no-telemetry"] = tel["errors"]
     if failures:
         print(f"\nFAILED: calls ended with non-OK status: {json.dumps(failures)}", file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ from refundgate.v1 import admin_pb2, admin_pb2_grpc
 from refundgate.v1 import refund_gate_pb2 as pb
 
 log = logging.getLogger(__name__)
+RPC_HEADROOM = 16
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GateAdmin"].full_name
 VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
@@ -220,7 +221,11 @@ def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    server = grpc.aio.server(options=options)
+    # Two bounds: gRPC core refuses RPCs beyond this at once, before any Python runs, so a
+    # saturated process cannot queue calls into their deadlines; inside, Check sheds (and
+    # counts) at max_concurrency. The headroom keeps health checks and admin calls answerable.
+    server = grpc.aio.server(options=options,
+                             maximum_concurrent_rpcs=settings.max_concurrency + RPC_HEADROOM)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
         "Check": _unary(service.Check, pb.CheckRequest, telemetry),
         "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest, telemetry),
