@@ -34,6 +34,7 @@ class Dataset:
     ``amount``, ``order_amount`` and ``order_asked`` (all requests against the order so far, this
     one included, as the account script counted them) are what the gate's guard rules look at
     besides the row (``gate.policy.Facts``), so evaluation can decide exactly as the gate does.
+    ``records`` counts every replayed record, events included.
     """
 
     X: np.ndarray
@@ -43,6 +44,7 @@ class Dataset:
     amount: np.ndarray
     order_amount: np.ndarray
     order_asked: np.ndarray
+    records: int
 
     def __len__(self) -> int:
         return len(self.y)
@@ -117,4 +119,4 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
                    np.asarray(scenarios), np.asarray(times),
                    amount=np.asarray(amounts, dtype=np.int64),
                    order_amount=np.asarray(order_amounts, dtype=np.int64),
-                   order_asked=np.asarray(asked, dtype=np.int64))
+                   order_asked=np.asarray(asked, dtype=np.int64), records=n)

@@ -42,10 +42,15 @@ def write_bundle(
     golden_X: np.ndarray,
     metrics: dict[str, Any],
     card: dict[str, Any],
+    report: str | None = None,
     compile_so: bool = True,
     feature_names: Sequence[str] = FEATURE_NAMES,
 ) -> Path:
-    """Create ``out_dir`` (replacing it) with a verified bundle; returns its path."""
+    """Create ``out_dir`` (replacing it) with a verified bundle; returns its path.
+
+    ``report`` is the evaluation report's path relative to the bundle directory, recorded in the
+    manifest so the model card's numbers can be traced to their plots and tables.
+    """
     if list(booster.feature_name()) != list(feature_names):
         raise ValueError("booster features differ from the gate's feature spec")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -73,6 +78,8 @@ def write_bundle(
         "metrics": metrics,
         "model_card": card,
     }
+    if report is not None:
+        manifest["report"] = report
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     load_bundle(tmp, feature_names=feature_names)  # the gate's own checks, before anyone sees it
     shutil.rmtree(out_dir, ignore_errors=True)

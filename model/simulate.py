@@ -110,6 +110,10 @@ class SimConfig:
     ipv6_share: float = 0.05
     # Share of an ordinary account's requests made over its city's carrier-NAT mobile IPs.
     mobile_share: float = 0.25
+    # Carrier-NAT addresses per city. Scaled with the population, so an address serves about as
+    # many accounts at any size; a request picks one with weight 1/rank (a few busy addresses,
+    # many quiet ones), so IPs shared by a handful up to hundreds of accounts are ordinary.
+    carrier_ips_per_city: int = _count(6)
     # Share of merchants selling in USD (all others EUR).
     usd_merchant_share: float = 0.08
     # Share of merchants without parcel tracking (no ORDER_DELIVERED, status UNKNOWN).
@@ -379,9 +383,11 @@ class _World:
         self.cities = _Choice(_CITIES)
         self.city_codes = [code for code, _ in _CITIES]
         self.payments = _Choice(_PAYMENTS)
-        # A few carrier-NAT addresses per city: many unrelated accounts share them.
-        self.carrier_ips = {code: [self.ipv4(_RESIDENTIAL) for _ in range(6)]
-                            for code in self.city_codes}
+        # Carrier-NAT addresses per city: many unrelated accounts share them, unevenly.
+        self.carrier_ips = {
+            code: _Choice([(self.ipv4(_RESIDENTIAL), 1 / rank)
+                           for rank in range(1, cfg.carrier_ips_per_city + 1)])
+            for code in self.city_codes}
         self._make_merchants()
 
     # Engine.
@@ -540,7 +546,7 @@ class _World:
         else:
             device = r.choice(devices[1:])
         if r.random() < acct.mobile_share:
-            ip = r.choice(self.carrier_ips[acct.city])
+            ip = self.carrier_ips[acct.city].pick(r)
         else:
             ip = acct.ips[0] if len(acct.ips) == 1 else r.choice(acct.ips)
         return device, ip, acct.city
@@ -803,9 +809,10 @@ def _partial_refunds(w: _World, order: _Order, at: int, reason: int,
 
 
 def _digital_refund(w: _World, order: _Order, scenario: str) -> _Refund:
-    """Wrong card, double charge, a code that does not work: asked quickly, nothing returned."""
+    """Wrong card, double charge, a code that does not work or never arrived (the shop shows it
+    delivered): asked quickly, nothing returned."""
     r = w.rng
-    reason = w.reason((_DUPLICATE, 35), (_CHANGED_MIND, 35), (_NAD, 30))
+    reason = w.reason((_DUPLICATE, 30), (_CHANGED_MIND, 30), (_NAD, 25), (_INR, 15))
     at = order.created_at + 2 * MINUTE + int(r.expovariate(1 / (3 * HOUR)))
     return _Refund(at, order.amount, reason, False, scenario)
 

@@ -104,9 +104,11 @@ async def stop_gate(running: RunningGate) -> None:
 @pytest_asyncio.fixture
 async def gate(redis_proc: RedisProcess, rdb: redis.Redis, bundle: Bundle
                ) -> AsyncIterator[RunningGate]:
-    """A gate on an empty Redis, serving the test bundle, trusting client time."""
+    """A gate on an empty Redis, serving the test bundle, trusting client time. Its budget is
+    generous: these tests are about behaviour, and a busy CI machine must not make them degrade
+    (tests/test_faults.py holds the gate to the real budget)."""
     settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url,
-                                 allow_client_time=True)
+                                 allow_client_time=True, budget_ms=250.0)
     running = await start_gate(settings, bundle)
     yield running
     await stop_gate(running)

@@ -57,7 +57,8 @@ def start_gate_process(redis_url: str, bundle_dir: Path, *args: str,
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
             [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--model-dir", str(bundle_dir),
-             "--redis-url", redis_url, "--grace-s", "2", "--admin-listen", "", *args],
+             "--redis-url", redis_url, "--grace-s", "2", "--admin-listen", "",
+             "--budget-ms", "250", *args],  # behaviour tests; later args (e.g. a budget) win
             stdout=subprocess.DEVNULL, stderr=log_file, text=True,
             env={**os.environ, **(env or {})})
     gate = GateProcess(proc, f"127.0.0.1:{port}", log_path)

@@ -64,7 +64,8 @@ async def live(redis_proc: RedisProcess, rdb: redis.Redis, model_dir: Path
                ) -> AsyncIterator[tuple[RunningGate, ModelWatcher]]:
     watcher = ModelWatcher(model_dir, ModelHolder(), poll_s=3600)  # the tests drive check()
     watcher.load_initial()
-    settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url)
+    settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url,
+                                 budget_ms=250.0)
     running = await start_gate(settings, watcher)
     yield running, watcher
     await stop_gate(running)
