@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gate.server import fork_workers
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
@@ -91,28 +89,7 @@ def serve(listen: str, workers: int) -> int:
     if workers == 1:
         asyncio.run(run_server(listen, reuse_port=False))
         return 0
-    children: list[int] = []
-    for _ in range(workers):
-        pid = os.fork()  # before any gRPC object exists in this process
-        if pid == 0:
-            try:
-                asyncio.run(run_server(listen, reuse_port=True))
-            finally:
-                os._exit(0)
-        children.append(pid)
-
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
-    return status
+    return fork_workers(workers, lambda _: asyncio.run(run_server(listen, reuse_port=True)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -61,44 +61,10 @@ def log(text: str) -> None:
 
 
 def build_throwaway_bundle(out: Path) -> Path:
-    """A small real bundle (40 trees x 15 leaves, compiled too), built exactly as the tests'
-    ``bundle_dir`` fixture builds it: LightGBM on synthetic rows, ``model.package.write_bundle``."""
-    import lightgbm as lgb
-    import numpy as np
+    """A small real bundle (40 trees x 15 leaves, compiled too), the same as the tests' one."""
+    from model.synthetic import build_synthetic_bundle
 
-    from gate.features import FEATURE_INDEX, FEATURE_NAMES
-    from model.package import golden_rows, write_bundle
-
-    rng = np.random.default_rng(3)
-    n = 6000
-    X = rng.normal(size=(n, len(FEATURE_NAMES)))
-    X[rng.random(X.shape) < 0.1] = np.nan
-    inr = rng.random(n) < 0.2
-    X[:, FEATURE_INDEX["not_received_but_delivered"]] = inr
-    refunds = rng.poisson(1.0, n).astype(float)
-    X[:, FEATURE_INDEX["acct_refunds_24h"]] = refunds
-    X[:, FEATURE_INDEX["refund_order_ratio"]] = rng.uniform(0.1, 1.0, n)
-    logit = -4 + 2.5 * inr + 1.2 * refunds
-    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
-    params = {
-        "objective": "binary",
-        "num_leaves": 15,
-        "learning_rate": 0.1,
-        "verbosity": -1,
-        "seed": 1,
-        "deterministic": True,
-        "num_threads": 1,
-    }
-    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)), num_boost_round=40)
-    return write_bundle(
-        out,
-        booster,
-        version="bench-throwaway-1",
-        thresholds={"hold": 0.5, "reject": 0.9},
-        golden_X=golden_rows(X, 50, seed=1),
-        metrics={},
-        card={},
-    )
+    return build_synthetic_bundle(out, version="bench-throwaway-1")
 
 
 def model_info(path: Path) -> dict[str, Any]:

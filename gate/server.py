@@ -279,13 +279,23 @@ def serve(settings: Settings, watcher: ModelWatcher) -> None:
         asyncio.run(_run(settings, watcher, reuse_port=False))
         return
     _check_port_free(settings.listen)
+
+    def worker(i: int) -> None:
+        setup_logging(settings.log_level)  # the parent's log writer thread did not fork
+        asyncio.run(_run(settings, watcher, reuse_port=True, worker=i))
+
+    sys.exit(fork_workers(settings.workers, worker))
+
+
+def fork_workers(count: int, run: Callable[[int], None]) -> int:
+    """Fork ``count`` processes running ``run(i)``, forward SIGTERM/SIGINT to them, wait for all;
+    return the first non-zero exit code. Call it before any gRPC object exists in this process."""
     children: list[int] = []
-    for worker in range(settings.workers):
-        pid = os.fork()  # before any gRPC object exists in this process
+    for i in range(count):
+        pid = os.fork()
         if pid == 0:
             try:
-                setup_logging(settings.log_level)  # the parent's log writer thread did not fork
-                asyncio.run(_run(settings, watcher, reuse_port=True, worker=worker))
+                run(i)
             finally:
                 os._exit(0)
         children.append(pid)
@@ -301,7 +311,7 @@ def serve(settings: Settings, watcher: ModelWatcher) -> None:
     for child in children:
         _, code = os.waitpid(child, 0)
         status = status or os.waitstatus_to_exitcode(code)
-    sys.exit(status)
+    return status
 
 
 def _check_port_free(listen: str) -> None:

@@ -8,18 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import lightgbm as lgb
-import numpy as np
 import pytest
 import pytest_asyncio
 import redis
 
 from gate.bundle import Bundle, load_bundle
 from gate.devredis import RedisProcess, start_redis
-from gate.features import FEATURE_INDEX, FEATURE_NAMES
 from gate.server import Gate, create_gate
 from gate.settings import Settings
-from model.package import golden_rows, write_bundle
+from model.synthetic import build_synthetic_bundle
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
@@ -42,33 +39,11 @@ def rdb(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
     client.close()
 
 
-def synthetic_training_set(n: int = 6000, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Rows whose label depends on a few velocity and request features, NaNs included."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, len(FEATURE_NAMES)))
-    X[rng.random(X.shape) < 0.1] = np.nan
-    inr = rng.random(n) < 0.2
-    X[:, FEATURE_INDEX["not_received_but_delivered"]] = inr
-    refunds = rng.poisson(1.0, n).astype(float)
-    X[:, FEATURE_INDEX["acct_refunds_24h"]] = refunds
-    X[:, FEATURE_INDEX["refund_order_ratio"]] = rng.uniform(0.1, 1.0, n)
-    logit = -4 + 2.5 * inr + 1.2 * refunds
-    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
-    return X, y
-
-
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small but real bundle (compiled too) built by the model owners' packaging code."""
-    X, y = synthetic_training_set()
-    params = {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "verbosity": -1,
-              "seed": 1, "deterministic": True, "num_threads": 1}
-    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
-                        num_boost_round=40)
-    out = tmp_path_factory.mktemp("bundles") / "test-model"
-    return write_bundle(out, booster, version="test-model-1",
-                        thresholds={"hold": 0.5, "reject": 0.9},
-                        golden_X=golden_rows(X, 50, seed=1), metrics={}, card={})
+    return build_synthetic_bundle(tmp_path_factory.mktemp("bundles") / "test-model",
+                                  version="test-model-1")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 
 from gate.bundle import BundleError, load_bundle, sha256_file
 from gate.features import FEATURE_NAMES
-from tests.conftest import synthetic_training_set
+from model.synthetic import synthetic_training_set
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from gate.devredis import RedisProcess, free_port
 from gate.features import FEATURE_INDEX, FEATURE_NAMES, FEATURES
 from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, decide
 from gate.settings import Settings
-from tests.conftest import synthetic_training_set
+from model.synthetic import synthetic_training_set
 from tests.test_bundle import edit_manifest, refresh_checksums
 from tests.test_cli import run_cli
 

@@ -23,9 +23,10 @@ from gate.features import FEATURE_NAMES
 from gate.reloader import ModelHolder, ModelWatcher
 from gate.settings import Settings
 from model.package import golden_rows, write_bundle
+from model.synthetic import synthetic_training_set
 from refundgate.v1 import admin_pb2, admin_pb2_grpc
 from refundgate.v1 import refund_gate_pb2 as pb
-from tests.conftest import RunningGate, make_request, start_gate, stop_gate, synthetic_training_set
+from tests.conftest import RunningGate, make_request, start_gate, stop_gate
 from tests.test_bundle import edit_manifest, refresh_checksums
 
 

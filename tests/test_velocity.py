@@ -23,7 +23,8 @@ DAY = 86400.0
 
 @pytest_asyncio.fixture
 async def store(redis_proc: RedisProcess, rdb: redis.Redis) -> AsyncIterator[VelocityStore]:
-    conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS)
+    conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS,
+                           connect_timeout_s=5.0)  # a loaded CI box may be slow to connect
     await conn.connect()
     yield VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20), replay_ttl_s=3600)
     await conn.close()
@@ -103,7 +104,8 @@ async def test_racing_duplicates_on_many_connections_count_once(
 ) -> None:
     stores = []
     for _ in range(5):
-        conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS)
+        conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS,
+                           connect_timeout_s=5.0)  # a loaded CI box may be slow to connect
         await conn.connect()
         stores.append(VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20),
                                     replay_ttl_s=3600))
