@@ -11,9 +11,11 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gate.bundle import Bundle, load_bundle
 from gate.devredis import RedisProcess, start_redis
+from gate.reloader import ModelWatcher
 from gate.server import Gate, create_gate
 from gate.settings import Settings
 from model.synthetic import build_synthetic_bundle
@@ -62,11 +64,20 @@ class RunningGate:
     settings: Settings
 
 
-async def start_gate(settings: Settings, bundle: Bundle | None) -> RunningGate:
-    """Start a gate on a free port and wait until it reports SERVING (or a bounded time)."""
+async def start_gate(settings: Settings, bundle: Bundle | ModelWatcher | None, *,
+                     ready: bool = True) -> RunningGate:
+    """Start a gate on a free port; with ``ready``, return once its health says SERVING (model
+    loaded, Redis answered), so a first Check is never degraded by a slow connect."""
     gate = create_gate(settings, bundle)
     await gate.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gate.port}")
+    if ready:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=20)
+        async for update in watch:
+            if update.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+        watch.cancel()
     return RunningGate(gate, channel, pb_grpc.RefundGateStub(channel), settings)
 
 

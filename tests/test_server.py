@@ -219,7 +219,7 @@ async def test_health_is_serving_once_model_and_redis_are_ready(gate: RunningGat
 async def test_health_is_not_serving_without_redis(bundle: Bundle) -> None:
     settings = Settings.from_env({}, listen="127.0.0.1:0",
                                  redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    running = await start_gate(settings, bundle)
+    running = await start_gate(settings, bundle, ready=False)
     try:
         stub = health_pb2_grpc.HealthStub(running.channel)
         resp = await stub.Check(health_pb2.HealthCheckRequest(service=""))
@@ -241,7 +241,7 @@ async def test_reflection_lists_the_services(gate: RunningGate) -> None:
 async def test_redis_down_gives_a_degraded_decision_in_budget(bundle: Bundle) -> None:
     settings = Settings.from_env({}, listen="127.0.0.1:0", degraded_approve_below_minor=1000,
                                  redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    running = await start_gate(settings, bundle)
+    running = await start_gate(settings, bundle, ready=False)
     try:
         started = time.monotonic()
         small = await running.stub.Check(make_request(amount_minor=100))
@@ -257,7 +257,7 @@ async def test_redis_down_gives_a_degraded_decision_in_budget(bundle: Bundle) ->
 
 async def test_no_model_is_unavailable(redis_proc: RedisProcess, rdb: redis.Redis) -> None:
     settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url)
-    running = await start_gate(settings, None)
+    running = await start_gate(settings, None, ready=False)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await running.stub.Check(make_request())
