@@ -76,8 +76,6 @@ class DecisionLog:
         self._queue: asyncio.Queue[DecisionRecord] = asyncio.Queue(maxsize=queue_size)
         self._on_drop = on_drop
         self._task: asyncio.Task[None] | None = None
-        self.written = 0
-        self.dropped = 0
 
     def submit(self, record: DecisionRecord) -> None:
         """Queue a decision for the log; never blocks, drops (and counts) when full."""
@@ -92,12 +90,14 @@ class DecisionLog:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        queue = self._queue
         while True:
-            batch = [await queue.get()]
-            while len(batch) < BATCH and not queue.empty():
-                batch.append(queue.get_nowait())
-            await self._write(batch)
+            await self._write(self._take([await self._queue.get()]))
+
+    def _take(self, batch: list[DecisionRecord]) -> list[DecisionRecord]:
+        """Fill ``batch`` with what is queued, up to BATCH records."""
+        while len(batch) < BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
 
     async def _write(self, batch: list[DecisionRecord]) -> None:
         commands = [("XADD", self.key, "MAXLEN", "~", self.maxlen, "*", "d", r.to_json())
@@ -108,12 +108,10 @@ class DecisionLog:
             self._drop(len(batch))
             return
         failed = sum(1 for r in replies if not isinstance(r, bytes))
-        self.written += len(batch) - failed
         if failed:
             self._drop(failed)
 
     def _drop(self, n: int) -> None:
-        self.dropped += n
         if self._on_drop is not None:
             self._on_drop(n)
 
@@ -121,10 +119,7 @@ class DecisionLog:
         """Write what is queued now (shutdown, tests)."""
         deadline = time.monotonic() + timeout_s
         while not self._queue.empty() and time.monotonic() < deadline:
-            batch: list[DecisionRecord] = []
-            while len(batch) < BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._write(batch)
+            await self._write(self._take([]))
 
     async def close(self) -> None:
         """Flush, then stop the writer."""

@@ -163,8 +163,6 @@ class RedisConnection:
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._closed = False
-        self.connects = 0
-        self.losses = 0
 
     @property
     def connected(self) -> bool:
@@ -197,7 +195,6 @@ class RedisConnection:
         except (OSError, TimeoutError, RedisError) as exc:
             self._drop()
             raise RedisUnavailable(f"cannot connect to redis: {type(exc).__name__}") from None
-        self.connects += 1
 
     def send(self, commands: Sequence[Command], *, urgent: bool = True
              ) -> asyncio.Future[list[Any]]:
@@ -273,7 +270,6 @@ class RedisConnection:
         if self._proto is proto:
             self._proto = None
             self._buffer.clear()
-            self.losses += 1
             if not self._closed:
                 log.warning("redis connection lost")
                 self._ensure_reconnecting()
