@@ -707,7 +707,7 @@ def render_extra_steps(s: dict[str, Any]) -> list[str]:
     if over:
         lines += [
             "",
-            f"overload, open loop at {_fmt(over['factor'], '.0f')}x max ({_fmt(over['target_rps'])} req/s "
+            f"overload, open loop at {_fmt(over['factor'], 'g')}x max ({_fmt(over['target_rps'])} req/s "
             f"target, {_fmt(over['offered_rps'])} req/s actually offered by the client)",
             f"{'  OK rate (req/s)':34}{_fmt(over['ok_rps']):>23}",
             f"{'  RESOURCE_EXHAUSTED (count, share)':34}"

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gate.admission import Admission, find_new_server, server_ids_or_none
 from gate.breaker import CircuitBreaker, State
 from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog
@@ -40,7 +41,6 @@ from refundgate.v1 import admin_pb2, admin_pb2_grpc
 from refundgate.v1 import refund_gate_pb2 as pb
 
 log = logging.getLogger(__name__)
-RPC_HEADROOM = 16
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GateAdmin"].full_name
 VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
@@ -106,6 +106,20 @@ class GateAdminService(admin_pb2_grpc.GateAdminServicer):
             status.last_refusal.path, status.last_refusal.reason = r.path, r.reason
             status.last_refusal.at.FromNanoseconds(int(r.at * 1e9))
         return status
+
+
+class _HealthServicer(health.aio.HealthServicer):
+    """The standard health servicer; its Watch streams are told to admission control, which
+    would otherwise count each open watcher as a call held (health is never shed)."""
+
+    def __init__(self, admission: Admission) -> None:
+        super().__init__()
+        self.admission = admission
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        with self.admission.stream():
+            await super().Watch(request, context)
 
 
 @dataclass
@@ -215,23 +229,28 @@ def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
             queue_size=settings.decision_log_queue,
             on_drop=lambda n: telemetry.m.decision_log_dropped.add(n))
     observe_breaker(telemetry.meter, lambda: not breaker.allow())
-    service = RefundGateService(settings, store, holder, telemetry, decision_log)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.enable_channelz", 1),  # its per-server call counters drive admission
     ]
-    # Two bounds: gRPC core refuses RPCs beyond this at once, before any Python runs, so a
-    # saturated process cannot queue calls into their deadlines; inside, Check sheds (and
-    # counts) at max_concurrency. The headroom keeps health checks and admin calls answerable.
-    server = grpc.aio.server(options=options,
-                             maximum_concurrent_rpcs=settings.max_concurrency + RPC_HEADROOM)
+    # Overload: Check and RecordEvents ask the admission controller first, which counts every
+    # call the process holds, including those gRPC core has queued before the event loop takes
+    # them (gate/admission.py). No maximum_concurrent_rpcs: grpc.aio applies it to the RPCs its
+    # Python side has taken, which stay few while the backlog grows in core, and when it does
+    # fire (a stalled loop) it refuses any method, health checks included, uncounted.
+    before = server_ids_or_none()
+    server = grpc.aio.server(options=options)
+    admission = Admission.from_settings(settings, find_new_server(before))
+    service = RefundGateService(settings, store, holder, telemetry, decision_log,
+                                admission=admission)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
         "Check": _unary(service.Check, pb.CheckRequest, telemetry),
         "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest, telemetry),
     }),))
     admin_pb2_grpc.add_GateAdminServicer_to_server(GateAdminService(holder), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = _HealthServicer(admission)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME,

@@ -16,16 +16,18 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
+from opentelemetry.metrics import Histogram
 
 from gate import features, policy
+from gate.admission import Admission
 from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog, DecisionRecord
 from gate.redisclient import RedisError, RedisTimeout, RedisUnavailable
@@ -46,6 +48,8 @@ _REPLY_MAGIC = b"rg1"
 _FP_LEN = 16
 EVENTS_TIMEOUT_S = 2.0
 SHADOW_MIN_S = 0.001  # budget that must be left to score the shadow model; otherwise skip it
+OVERLOADED = "gate overloaded, retry later"
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -136,7 +140,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
 
     def __init__(self, settings: Settings, store: VelocityStore, models: ModelHolder,
                  telemetry: Telemetry, decision_log: DecisionLog | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 admission: Admission | None = None) -> None:
         self.settings = settings
         self.store = store
         self.models = models
@@ -144,33 +149,42 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self.metrics = telemetry.m
         self.decision_log = decision_log
         self.clock = clock
+        self.admission = admission or Admission.from_settings(settings)
         self.degraded_policy = policy.DegradedPolicy(settings.degraded_approve_below_minor)
         self._in_flight: dict[str, _InFlight] = {}
-        self._active = 0
 
     async def Check(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckResponse:
         """One refund request, one decision; see the module docstring for the path."""
+        return await self._admitted(
+            context, self.metrics.check_duration,
+            lambda started: self._check(request, context, started),
+            lambda response: _OUTCOMES[response.decision])
+
+    async def _admitted(
+        self, context: grpc.aio.ServicerContext, duration: Histogram,
+        work: Callable[[float], Awaitable[R]], outcome_of: Callable[[R], str],
+    ) -> R:
+        """Run one counted call: ask admission control first (overloaded: refuse before any
+        work, see gate/admission.py), then record its duration by outcome and release it."""
         started = time.monotonic()
-        if self._active >= self.settings.max_concurrency:
+        if not self.admission.admit():
             self.metrics.shed.add(1)
-            self.metrics.check_duration.record(time.monotonic() - started,
-                                               {"outcome": "RESOURCE_EXHAUSTED"})
-            await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "gate overloaded, retry later")
-        self._active += 1
+            duration.record(time.monotonic() - started, {"outcome": "RESOURCE_EXHAUSTED"})
+            await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
         outcome = "INTERNAL"
         try:
-            response = await self._check(request, context, started)
-            outcome = _OUTCOMES[response.decision]
-            return response
+            result = await work(started)
+            outcome = outcome_of(result)
+            return result
         except grpc.aio.AbortError:
             code = context.code()  # type: ignore[attr-defined]
             outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
             raise
         finally:
-            self._active -= 1
-            self.metrics.check_duration.record(time.monotonic() - started, {"outcome": outcome})
+            self.admission.release()
+            duration.record(time.monotonic() - started, {"outcome": outcome})
 
     async def _check(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, started: float
@@ -352,19 +366,13 @@ class RefundGateService(pb_grpc.RefundGateServicer):
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEventsResponse:
-        """Count order and outcome events; all or nothing, a repeated event_id counts once."""
-        started = time.monotonic()
-        outcome = "INTERNAL"
-        try:
-            response = await self._record_events(request, context)
-            outcome = "OK"
-            return response
-        except grpc.aio.AbortError:
-            code = context.code()  # type: ignore[attr-defined]
-            outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
-            raise
-        finally:
-            self.metrics.events_duration.record(time.monotonic() - started, {"outcome": outcome})
+        """Count order and outcome events; all or nothing, a repeated event_id counts once.
+
+        Shed like Check when the process is overloaded: a batch competes for the same event loop
+        and Redis, and callers retry it safely (a repeated event_id counts once)."""
+        return await self._admitted(
+            context, self.metrics.events_duration,
+            lambda _started: self._record_events(request, context), lambda _response: "OK")
 
     async def _record_events(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext

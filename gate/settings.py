@@ -70,8 +70,21 @@ class Settings:
     degraded_approve_below_minor: int = field(default=5000, metadata=_meta(
         "Degraded policy: without velocity features, APPROVE only below this refund amount."))
     max_concurrency: int = field(default=64, metadata=_meta(
-        "Checks in flight per process; beyond it the gate answers RESOURCE_EXHAUSTED at once "
-        "(throughput peaks at 8-32 in flight per process; more only queues)."))
+        "Calls held per process, counting those still queued inside gRPC core, at which every "
+        "new Check and RecordEvents is answered RESOURCE_EXHAUSTED at once (once they have "
+        "stood admission_window_ms); also the most Checks running at once. Throughput peaks at "
+        "8-32 in flight per process; more only queues, ~1-2 ms per call held."))
+    shed_start: int = field(default=32, metadata=_meta(
+        "Calls held per process past which a share of new Checks and RecordEvents, rising "
+        "linearly to all at max_concurrency, is answered RESOURCE_EXHAUSTED at once, once the "
+        "backlog has stood admission_window_ms (capped at max_concurrency)."))
+    admission_window_ms: float = field(default=60.0, metadata=_meta(
+        "Calls held count against shed_start only once they have stood this long (the fewest "
+        "over the window): a burst that drains faster is served whole."))
+    admission_sample_ms: float = field(default=10.0, metadata=_meta(
+        "How often the calls held are read from gRPC core's counters while between shed_start "
+        "and max_concurrency (5x less often below, 2x above; only while calls arrive). A read "
+        "is channelz rendering JSON under the GIL, 0.1-1 ms."))
     max_message_bytes: int = field(default=64 * 1024, metadata=_meta(
         "Largest request message accepted."))
     max_events_per_call: int = field(default=1000, metadata=_meta(
@@ -138,6 +151,12 @@ class Settings:
             problems.append("breaker_failures must be >= 1")
         if self.max_concurrency < 1 or self.max_events_per_call < 1:
             problems.append("max_concurrency and max_events_per_call must be >= 1")
+        if self.shed_start < 1:
+            problems.append("shed_start must be >= 1")
+        if not 0.1 <= self.admission_sample_ms <= 1000:
+            problems.append("admission_sample_ms must be within 0.1..1000")
+        if not self.admission_sample_ms <= self.admission_window_ms <= 60_000:
+            problems.append("admission_window_ms must be within admission_sample_ms..60000")
         if self.admin_listen and not self.admin_listen.rpartition(":")[2].isdigit():
             problems.append("admin_listen must be host:port or empty")
         if self.decision_log_maxlen < 1000 or self.decision_log_queue < 1:

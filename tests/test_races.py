@@ -41,7 +41,8 @@ def rig(bundle_dir: Path) -> Iterator[tuple[GateProcess, FaultProxy, object]]:
     redis = start_redis()
     proxy = FaultProxy(redis.port).start()
     gate = start_gate_process(f"redis://127.0.0.1:{proxy.port}/0", bundle_dir,
-                              "--budget-ms", "50", "--max-concurrency", "1000")
+                              "--budget-ms", "50", "--max-concurrency", "1000",
+                              "--shed-start", "1000")  # idempotency, not overload, is tested here
     try:
         yield gate, proxy, redis
     finally:
