@@ -18,7 +18,7 @@ from refundgate.v1 import refund_gate_pb2 as pb
 NAN = math.nan
 Source = Literal["request", "account", "device", "ip", "merchant"]
 
-# Flag bits of one refund, stored with it in Redis (gate/lua/*.lua use the same values).
+# Flag bits of one refund, stored in its log record (gate/velocity.py reads them back).
 F_INR = 1  # "item not received" claim
 F_INR_DELIVERED = 2  # ... on an order logistics shows as delivered
 F_DIGITAL_QUICK = 4  # digital goods refund asked within an hour of the order
@@ -62,7 +62,7 @@ FEATURES: tuple[Feature, ...] = (
        "1 for digital goods refunded within an hour of the order."),
     _f("changed_mind_not_returned", "request", "ITEM_NOT_RETURNED",
        "1 for 'changed my mind' with the item not returned."),
-    # Account (exact, from one sorted set per account; pair and order are filters of it).
+    # Account (exact, from the account's log; pair and order are filters of it).
     _f("acct_refunds_1h", "account", "HIGH_REFUND_VELOCITY", "Refund requests by the account, 1 h."),
     _f("acct_refunds_24h", "account", "HIGH_REFUND_VELOCITY", "... 24 h."),
     _f("acct_refunds_7d", "account", "HIGH_REFUND_VELOCITY", "... 7 d."),
@@ -93,17 +93,17 @@ FEATURES: tuple[Feature, ...] = (
        "Amount asked against this order so far, this request included / order amount."),
     _f("order_delivered_event", "account", "DELIVERY_STATUS",
        "1 if an ORDER_DELIVERED event was recorded for this order."),
-    # Device (NaN when the request has no device).
+    # Device (exact, from its log; NaN when the request has no device).
     _f("dev_accounts_24h", "device", "MANY_ACCOUNTS_ON_DEVICE", "Distinct accounts on the device, 24 h."),
     _f("dev_accounts_7d", "device", "MANY_ACCOUNTS_ON_DEVICE", "... 7 d."),
     _f("dev_refunds_1h", "device", "HIGH_REFUND_VELOCITY", "Refund requests from the device, 1 h."),
     _f("dev_refunds_24h", "device", "HIGH_REFUND_VELOCITY", "... 24 h."),
-    # IP (NaN when the request has no IP).
+    # IP (exact, from its log; NaN when the request has no IP).
     _f("ip_accounts_24h", "ip", "MANY_ACCOUNTS_ON_IP", "Distinct accounts on the IP, 24 h."),
     _f("ip_accounts_7d", "ip", "MANY_ACCOUNTS_ON_IP", "... 7 d."),
     _f("ip_refunds_1h", "ip", "HIGH_REFUND_VELOCITY", "Refund requests from the IP, 1 h."),
     _f("ip_refunds_24h", "ip", "HIGH_REFUND_VELOCITY", "... 24 h."),
-    # Merchant.
+    # Merchant (sliding-window estimates from hour and day counters).
     _f("m_refunds_1h", "merchant", "MERCHANT_REFUND_SPIKE", "Refund requests at the merchant, 1 h."),
     _f("m_refunds_24h", "merchant", "MERCHANT_REFUND_SPIKE", "... 24 h."),
     _f("m_refunds_7d", "merchant", "MERCHANT_REFUND_SPIKE", "... 7 d."),
@@ -176,7 +176,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def velocity_values(
-    source: Source, raw: Mapping[str, int], order_amount_minor: int
+    source: Source, raw: Mapping[str, float], order_amount_minor: int
 ) -> tuple[float, ...]:
     """Turn one velocity script's counters (named as in gate/velocity.py) into features."""
     if source == "account":
@@ -201,7 +201,7 @@ def velocity_values(
 
 
 def assemble(
-    request: RequestFeatures, velocity: Mapping[Source, Mapping[str, int] | None]
+    request: RequestFeatures, velocity: Mapping[Source, Mapping[str, float] | None]
 ) -> list[float]:
     """The full vector in FEATURE_NAMES order; a source that is absent or failed stays NaN."""
     row = [NAN] * len(FEATURE_NAMES)

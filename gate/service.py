@@ -35,7 +35,7 @@ from gate.reloader import ModelHolder
 from gate.settings import Settings
 from gate.telemetry import Telemetry
 from gate.validation import ValidationError, validate_check, validate_events
-from gate.velocity import CheckVelocity, RefundFacts, Status, VelocityStore
+from gate.velocity import FP_LEN, REPLY_MAGIC, CheckVelocity, RefundFacts, Status, VelocityStore
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 _DECISIONS = {policy.APPROVE: pb.DECISION_APPROVE, policy.HOLD: pb.DECISION_HOLD_FOR_REVIEW,
               policy.REJECT: pb.DECISION_REJECT}
 _OUTCOMES = {v: k for k, v in _DECISIONS.items()}
-_REPLY_MAGIC = b"rg1"
-_FP_LEN = 16
 EVENTS_TIMEOUT_S = 2.0
 SHADOW_MIN_S = 0.001  # budget that must be left to score the shadow model; otherwise skip it
 OVERLOADED = "gate overloaded, retry later"
@@ -98,27 +96,19 @@ def redis_problem(exc: RedisError) -> str:
     return "error"
 
 
-def fingerprint(req: pb.CheckRequest) -> bytes:
-    """Identity of a request's content, ignoring requested_at (a retry may restamp it)."""
-    copy = pb.CheckRequest()
-    copy.CopyFrom(req)
-    copy.ClearField("requested_at")
-    return hashlib.blake2b(copy.SerializeToString(deterministic=True), digest_size=_FP_LEN).digest()
-
-
 def pack_reply(fp: bytes, response: pb.CheckResponse) -> bytes:
-    """Stored form of an answer: magic, request fingerprint, response bytes."""
-    return _REPLY_MAGIC + fp + response.SerializeToString()
+    """Stored form of an answer: magic, request fingerprint (the refund key's marker, which it
+    replaces), response bytes."""
+    return REPLY_MAGIC + fp + response.SerializeToString()
 
 
-def unpack_reply(payload: bytes) -> tuple[bytes, pb.CheckResponse] | None:
-    """Inverse of pack_reply; None for anything that is not a stored answer."""
-    if not payload.startswith(_REPLY_MAGIC):
+def unpack_reply(payload: bytes) -> pb.CheckResponse | None:
+    """The response of a stored answer; None for anything that is not one."""
+    if not payload.startswith(REPLY_MAGIC):
         return None
-    start = len(_REPLY_MAGIC)
     response = pb.CheckResponse()
-    response.ParseFromString(payload[start + _FP_LEN:])
-    return payload[start:start + _FP_LEN], response
+    response.ParseFromString(payload[len(REPLY_MAGIC) + FP_LEN:])
+    return response
 
 
 def bad_request_status(err: ValidationError) -> grpc.Status:
@@ -201,21 +191,19 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             await _fail(context, grpc.StatusCode.UNAVAILABLE, "no valid model loaded")
 
         rf, facts = prepare(self.store, request, at_s)
-        fp = fingerprint(request)
 
         waiting = self._in_flight.get(facts.refund)
         if waiting is not None:
-            if waiting.fingerprint != fp:
+            if waiting.fingerprint != facts.fingerprint:
                 await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
                             "refund_id was already used for a different request")
             shared = await self._await_shared(waiting, started, context)
             if shared is not None:
                 return shared
-        mine = _InFlight(fp, asyncio.get_running_loop().create_future())
+        mine = _InFlight(facts.fingerprint, asyncio.get_running_loop().create_future())
         self._in_flight[facts.refund] = mine
         try:
-            response = await self._decide(request, context, bundle, shadow, rf, facts, fp,
-                                          started)
+            response = await self._decide(request, context, bundle, shadow, rf, facts, started)
             mine.future.set_result(response)
             return response
         except asyncio.CancelledError:
@@ -257,7 +245,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
 
     async def _decide(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, bundle: Bundle,
-        shadow: Bundle | None, rf: features.RequestFeatures, facts: RefundFacts, fp: bytes,
+        shadow: Bundle | None, rf: features.RequestFeatures, facts: RefundFacts,
         started: float,
     ) -> pb.CheckResponse:
         tel, m = self.telemetry, self.metrics
@@ -273,7 +261,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         if problem is not None:
             m.redis_errors.add(1, {"kind": problem})
         if velocity is not None:
-            replay = await self._replay(request, context, velocity, facts, fp)
+            replay = await self._replay(context, velocity, facts)
             if replay is not None:
                 return replay
         counters = velocity.counters if velocity is not None else {}
@@ -287,7 +275,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         facts_for_rules = policy.Facts(
             amount_minor=request.amount_minor,
             order_amount_minor=request.order_amount_minor,
-            order_amount_asked=account["order_amount"] if account else None,
+            order_amount_asked=int(account["order_amount"]) if account else None,
             blocked=velocity.blocked if velocity is not None else (),
             degraded=degraded,
         )
@@ -321,7 +309,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             decision_id=_decision_id(facts.refund, status),
         )
         if status == Status.COUNTED and not degraded:
-            self.store.store_reply(facts.refund, pack_reply(fp, response))
+            self.store.store_reply(facts, pack_reply(facts.fingerprint, response))
         if status == Status.DUPLICATE:
             return response  # the original's decision is the one on record
         shadow_verdict: tuple[str, float, str] | None = None
@@ -343,24 +331,21 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         return response
 
     async def _replay(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext,
-        velocity: CheckVelocity, facts: RefundFacts, fp: bytes,
+        self, context: grpc.aio.ServicerContext, velocity: CheckVelocity, facts: RefundFacts,
     ) -> pb.CheckResponse | None:
         """The stored answer for a retry, or ALREADY_EXISTS for a reused refund_id."""
-        stored = unpack_reply(velocity.stored_reply) if velocity.stored_reply else None
-        conflict = velocity.status == Status.CONFLICT or (stored is not None and stored[0] != fp)
-        if conflict:
-            if velocity.counted:  # scripts of entities the original did not touch counted it
+        if velocity.status == Status.CONFLICT:
+            if velocity.counted:  # entities the original did not touch counted it
                 task = asyncio.get_running_loop().create_task(
                     self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S))
                 task.add_done_callback(_log_failure)
             await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
                         "refund_id was already used for a different request")
+        stored = unpack_reply(velocity.stored_reply) if velocity.stored_reply else None
         if stored is not None:
             self.metrics.replays.add(1)
-            response = stored[1]
-            response.replayed = True
-            return response
+            stored.replayed = True
+            return stored
         return None
 
     async def RecordEvents(

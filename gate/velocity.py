@@ -2,28 +2,37 @@
 
 Layout (every key of one script shares one hash tag, so it works unchanged on Redis Cluster):
 
-    {p}:{a:<h>}          account sorted set: refunds, orders, deliveries, outcomes, IPs, cities,
-                         devices (the account x merchant pair and the order are filters of it)
-    {p}:{d:<h>}:a / :r   device: accounts seen (last-seen score) / refund ids (request time)
-    {p}:{i:<h>}:a / :r   IP: the same
-    {p}:{m:<h>}:r :q :b  merchant refunds / digital-goods quick refunds / BNPL refunds
-    {p}:{m:<h>}:o :e     merchant order day buckets / recent order event ids
-    {p}:{X:<h>}:bl       blocklist entry of an account (a), device (d) or IP (i)
-    {p}:{r:<h>}          stored answer to a refund_id, for retries
+    {p}:{r:<h>}           one refund id: its request fingerprint, then its stored answer
+                          (SET NX GET decides retries and reused ids, atomically, for all)
+    {p}:{a:<h>}:L<n>      account log: fixed-width records of refunds, orders and deliveries,
+                          one string per 8-day bucket n (the pair and the order are filters of it)
+    {p}:{a:<h>}:e:<e>     one account event, for deduplication
+    {p}:{a:<h>}:x         the account's abuse outcomes (times)
+    {p}:{d:<h>}:L<n>      device log: refunds asked from it and accounts seen on it, per day n
+    {p}:{i:<h>}:L<n>      IP log: the same
+    {p}:{m:<h>}:L<n>      merchant counters of day n (u32: refunds, ..., refunds per hour)
+    {p}:{m:<h>}:q:<r>     one refund (or :e:<e> one order event) of the merchant, for dedup
+    {p}:{X:<h>}:bl        blocklist entry of an account (a), device (d) or IP (i)
 
 ``<h>`` is a keyed hash of the id (BLAKE2b keyed with GATE_ID_HASH_KEY), so a Redis dump shows no
-raw identifier. Every key has a TTL; every set is trimmed by time and capped in size.
+raw identifier; records hold 32-bit prefixes of those hashes. Every key has a TTL; every log is
+capped per bucket (a full bucket keeps its newest half).
 
-A Check sends one pipeline: GET of the stored answer plus one EVALSHA per entity. Each script
-records the refund and returns its windows atomically; the refund id is a member of each entity's
-recent set, so a retry, even one racing the original, never counts twice.
+Redis's Lua interpreter is the cost to beat (docs/BENCHMARKS.md §6), so the scripts only run a
+few native commands on names, records and TTLs computed here, and return raw logs and counters:
+the windows are computed here. Logs are exact below their caps; merchant windows are sliding
+estimates from day counters. A Check sends one pipeline: the refund key's SET NX GET, then one
+EVALSHA per entity (account, device, IP, merchant). Logs carry each refund's id, so a retry,
+even one racing its original, is counted once when they are read.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -33,7 +42,7 @@ from typing import Any
 import hiredis
 
 from gate.breaker import CircuitBreaker
-from gate.features import Source
+from gate.features import F_BNPL, F_CM_UNRETURNED, F_DIGITAL_QUICK, F_INR, F_INR_DELIVERED, Source
 from gate.redisclient import Command, RedisConnection, RedisError, RedisReplyError, RedisUnavailable
 from refundgate.v1 import refund_gate_pb2 as pb
 
@@ -50,6 +59,43 @@ MERCHANT_FIELDS = (
 )
 BAD_OUTCOMES = frozenset({pb.REFUND_OUTCOME_CONFIRMED_ABUSE, pb.REFUND_OUTCOME_CHARGEBACK,
                           pb.REFUND_OUTCOME_REVIEW_REJECTED})
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+WEEK_MS = 7 * DAY_MS
+MONTH_MS = 30 * DAY_MS
+_NONE = frozenset({0})  # the id of "no IP / city / device" in records
+
+# Account log: one string per 16-day bucket; a Check reads the current one and two before it,
+# so every 30-day window is complete. Record: kind, refund or event id, content tag, time (ms),
+# amount, flags, merchant, order, IP, city, device (ids: 32-bit prefixes of their hashes). Kind
+# and id come first: the script looks for them to skip a retry.
+ACCOUNT_RECORD = struct.Struct("<BIIqqBIIIII")
+ACCOUNT_BUCKET_MS = 16 * DAY_MS
+ACCOUNT_BUCKETS = 3
+ACCOUNT_CAP = 2 * ACCOUNT_RECORD.size * 88  # 176 records per 16 days, then the newest half
+ABUSE_RECORD = struct.Struct("<q")
+ABUSE_CAP = 2 * ABUSE_RECORD.size * 32
+ABUSE_TTL_MS = 91 * DAY_MS
+# Device and IP log: one string per 4-day bucket; a Check reads the current one and two before
+# it, so the 7-day windows are complete.
+# Record: kind, refund id, content tag, time (ms), account.
+ENTITY_RECORD = struct.Struct("<BIIqI")
+ENTITY_BUCKET_MS = 4 * DAY_MS
+ENTITY_BUCKETS = 3
+ENTITY_CAP = 2 * ENTITY_RECORD.size * 96  # 192 records per 4 days, then the newest half
+# Merchant counters: one string of u32 per day (refunds, quick digital refunds, BNPL refunds,
+# orders, BNPL orders, then refunds in each hour); a Check reads today and the seven days before.
+M_REFUNDS, M_QUICK, M_BNPL_REFUNDS, M_ORDERS, M_BNPL_ORDERS, M_HOURS = range(6)
+MERCHANT_DAY = struct.Struct(f">{M_HOURS + 24}I")  # BITFIELD integers are big-endian
+_M_HEAD = struct.Struct(f">{M_HOURS}I")
+_M_ZERO = (0,) * M_HOURS
+MERCHANT_DAYS = 8
+REFUND, ORDER, DELIVERED, SEEN, TOMBSTONE = b"R"[0], b"O"[0], b"V"[0], b"A"[0], b"U"[0]
+
+REPLY_MAGIC = b"rg1"
+FP_LEN = 16
+_MARKER_LEN = len(REPLY_MAGIC) + FP_LEN
 
 
 class Status(IntEnum):
@@ -75,10 +121,9 @@ class Script:
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
-ACCOUNT_SCRIPT = Script.load("account")
-ENTITY_SCRIPT = Script.load("entity")
+LOG_SCRIPT = Script.load("log")
 MERCHANT_SCRIPT = Script.load("merchant")
-SCRIPTS = (ACCOUNT_SCRIPT, ENTITY_SCRIPT, MERCHANT_SCRIPT)
+SCRIPTS = (LOG_SCRIPT, MERCHANT_SCRIPT)
 LOAD_SCRIPTS: list[Command] = [("SCRIPT", "LOAD", s.source) for s in SCRIPTS]
 
 
@@ -97,6 +142,12 @@ class IdHasher:
         return base64.urlsafe_b64encode(h.digest()).decode()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def id32(h: str) -> int:
+    """The 32-bit prefix of a hashed id that records carry (0: no id)."""
+    return int.from_bytes(base64.urlsafe_b64decode(h[:8])[:4], "little") if h else 0
+
+
 class Keys:
     """Redis key names; the only place that knows them."""
 
@@ -105,23 +156,22 @@ class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
-    def account(self, h: str) -> tuple[str, str]:
-        """The account set and the account's blocklist entry."""
-        return f"{self.prefix}:{{a:{h}}}", f"{self.prefix}:{{a:{h}}}:bl"
+    def account(self, h: str) -> str:
+        """Common part of an account's keys (its hash tag)."""
+        return f"{self.prefix}:{{a:{h}}}"
 
-    def entity(self, kind: str, h: str) -> tuple[str, str, str]:
-        """Accounts set, refunds set and blocklist entry of a device (d) or IP (i)."""
-        base = f"{self.prefix}:{{{kind}:{h}}}"
-        return f"{base}:a", f"{base}:r", f"{base}:bl"
-
-    def merchant(self, h: str) -> tuple[str, str, str, str, str]:
-        """Refunds, quick digital refunds, BNPL refunds, order buckets and order event ids."""
-        base = f"{self.prefix}:{{m:{h}}}"
-        return f"{base}:r", f"{base}:q", f"{base}:b", f"{base}:o", f"{base}:e"
-
-    def reply(self, h: str) -> str:
-        """The stored answer to one refund id."""
+    def refund(self, h: str) -> str:
+        """One refund id: its request fingerprint, then its stored answer."""
         return f"{self.prefix}:{{r:{h}}}"
+
+    def entity(self, kind: str, h: str) -> str:
+        """Common part of the keys of a device (d), IP (i) or merchant (m)."""
+        return f"{self.prefix}:{{{kind}:{h}}}"
+
+    @staticmethod
+    def log(base: str, bucket: int) -> str:
+        """One bucket of an account, device or IP log."""
+        return f"{base}:L{bucket}"
 
     def blocklist(self, kind: str, h: str) -> str:
         """The blocklist entry of an account (a), device (d) or IP (i)."""
@@ -138,9 +188,20 @@ def normalize_ip(ip: str) -> str:
     return ipaddress.ip_address(ip).compressed if ip else ""
 
 
+def fingerprint(req: pb.CheckRequest) -> bytes:
+    """Identity of a request's content, ignoring requested_at (a retry may restamp it)."""
+    copy = pb.CheckRequest()
+    copy.CopyFrom(req)
+    copy.ClearField("requested_at")
+    return hashlib.blake2b(copy.SerializeToString(deterministic=True), digest_size=FP_LEN).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class RefundFacts:
-    """What the velocity store needs of one validated refund request; ids already hashed."""
+    """What the velocity store needs of one validated refund request; ids already hashed.
+
+    The derived fields are computed once, here, because a Check uses each several times.
+    """
 
     at_ms: int
     refund: str
@@ -152,6 +213,23 @@ class RefundFacts:
     city: str
     amount: int
     flags: int
+    fingerprint: bytes
+    marker: bytes = field(init=False)  # the refund key's value until the answer is stored
+    tag: int = field(init=False)  # content tag: two requests with one refund id differ in it
+    account_record: bytes = field(init=False)  # this refund in the account log
+    entity_record: bytes = field(init=False)  # ... in the device and IP logs
+
+    def __post_init__(self) -> None:
+        tag = int.from_bytes(self.fingerprint[:4], "little")
+        init = object.__setattr__
+        init(self, "marker", REPLY_MAGIC + self.fingerprint)
+        init(self, "tag", tag)
+        init(self, "account_record", ACCOUNT_RECORD.pack(
+            REFUND, id32(self.refund), tag, self.at_ms, self.amount, self.flags,
+            id32(self.merchant), id32(self.order), id32(self.ip), id32(self.city),
+            id32(self.device)))
+        init(self, "entity_record", ENTITY_RECORD.pack(REFUND, id32(self.refund), tag,
+                                                       self.at_ms, id32(self.account)))
 
 
 @dataclass(slots=True)
@@ -159,13 +237,13 @@ class CheckVelocity:
     """Result of the Check round trip.
 
     ``counters`` holds each entity's windows, or None where that entity's script failed (its
-    features stay NaN and the decision is degraded). ``status`` is the account script's verdict,
-    which every request has and which is the authority on retries.
+    features stay NaN and the decision is degraded). ``status`` is the refund key's verdict,
+    the authority on retries and reused ids; None if it could not be read.
     """
 
     stored_reply: bytes | None
     status: Status | None
-    counters: dict[Source, dict[str, int] | None]
+    counters: dict[Source, dict[str, float] | None]
     counted: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -176,6 +254,148 @@ class CheckVelocity:
         return not self.failed
 
 
+def _records(rec: struct.Struct, logs: Sequence[bytes | None]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for raw in logs:
+        if raw:
+            out.extend(rec.iter_unpack(raw))
+    return out
+
+
+def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes | None
+                    ) -> tuple[dict[str, float], bool]:
+    """The account's windows at f.at_ms from its log buckets, this refund included, and whether
+    this refund was new to it (each refund id counts once; a tombstone takes one back)."""
+    now = f.at_ms
+    mine = ACCOUNT_RECORD.unpack(f.account_record)
+    _, rid, _, _, _, _, merchant, order, _, _, _ = mine
+    refunds: dict[int, tuple[Any, ...]] = {}
+    orders: dict[int, tuple[Any, ...]] = {}
+    delivered = 0
+    records = _records(ACCOUNT_RECORD, logs)
+    dead = {(r[1], r[2]) for r in records if r[0] == TOMBSTONE} if records else ()
+    for r in records:
+        kind = r[0]
+        if kind == REFUND:
+            if r[1] not in refunds and (r[1], r[2]) not in dead:
+                refunds[r[1]] = r
+        elif kind == ORDER:
+            if r[1] not in orders:
+                orders[r[1]] = r
+        elif kind == DELIVERED and r[7] == order:
+            delivered = 1
+    new = rid not in refunds
+    if new:
+        refunds[rid] = mine
+    r1h = r24h = r7d = r30d = amt30 = inr = inrd = dq7 = cm = pair_r = ord_n = ord_amt = 0
+    ips: set[int] = set()
+    cities: set[int] = set()
+    devices: set[int] = set()
+    for r in refunds.values():
+        age, amount, flags = now - r[3], r[4], r[5]
+        if r[7] == order:
+            ord_n += 1
+            ord_amt += amount
+        if age >= MONTH_MS:
+            continue
+        r30d += 1
+        amt30 += amount
+        if r[6] == merchant:
+            pair_r += 1
+        if flags:
+            inr += flags & F_INR and 1
+            inrd += flags & F_INR_DELIVERED and 1
+            cm += flags & F_CM_UNRETURNED and 1
+        devices.add(r[10])
+        if age < WEEK_MS:
+            r7d += 1
+            if flags & F_DIGITAL_QUICK:
+                dq7 += 1
+            if age < DAY_MS:
+                r24h += 1
+                ips.add(r[8])
+                cities.add(r[9])
+                if age < HOUR_MS:
+                    r1h += 1
+    o30 = pair_o = 0
+    for r in orders.values():
+        age = now - r[3]
+        if age < MONTH_MS:
+            o30 += 1
+            if r[6] == merchant:
+                pair_o += 1
+            devices.add(r[10])
+            if age < DAY_MS:
+                ips.add(r[8])
+                cities.add(r[9])
+    abuse_90d = 0
+    if abuse:
+        abuse_90d = sum(1 for (t,) in ABUSE_RECORD.iter_unpack(abuse) if now - t < 90 * DAY_MS)
+    values = (r1h, r24h, r7d, r30d, amt30, inr, inrd, dq7, cm, o30, len(ips - _NONE),
+              len(cities - _NONE), len(devices - _NONE), abuse_90d, pair_r, pair_o, ord_n,
+              ord_amt, delivered)
+    return dict(zip(ACCOUNT_FIELDS, values, strict=True)), new
+
+
+def entity_windows(f: RefundFacts, logs: Sequence[bytes | None]) -> tuple[dict[str, float], bool]:
+    """A device's or IP's windows at f.at_ms, this refund included, and whether this refund
+    was new to it (each refund id counts once; a tombstone takes one back)."""
+    now = f.at_ms
+    _, rid, _, _, account = ENTITY_RECORD.unpack(f.entity_record)
+    refunds: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    records = _records(ENTITY_RECORD, logs)
+    dead = {(r[1], r[2]) for r in records if r[0] == TOMBSTONE} if records else ()
+    for kind, r, tag, at, acct in records:
+        if kind == TOMBSTONE:
+            continue
+        if kind == REFUND and r not in refunds and (r, tag) not in dead:
+            refunds[r] = at
+        if seen.get(acct, at - 1) < at:
+            seen[acct] = at
+    new = rid not in refunds
+    if new:
+        refunds[rid] = now
+    if seen.get(account, now) <= now:
+        seen[account] = now
+    a24h = a7d = r1h = r24h = 0
+    for at in seen.values():
+        if now - at < WEEK_MS:
+            a7d += 1
+            if now - at < DAY_MS:
+                a24h += 1
+    for at in refunds.values():
+        if now - at < DAY_MS:
+            r24h += 1
+            if now - at < HOUR_MS:
+                r1h += 1
+    return dict(zip(ENTITY_FIELDS, (a24h, a7d, r1h, r24h), strict=True)), new
+
+
+def merchant_windows(at_ms: int, days: Sequence[bytes | None]) -> dict[str, float]:
+    """Sliding-window estimates from day counters, newest day first: the current bucket whole,
+    plus the part of the oldest one still inside the window (its count spread evenly)."""
+    # BITFIELD grows a day's string only as far as the highest counter written so far.
+    heads = [_M_HEAD.unpack_from(raw.ljust(_M_HEAD.size, b"\0")) if raw else _M_ZERO
+             for raw in days]
+    refunds, quick, bnpl_refunds, orders, bnpl_orders = zip(*heads, strict=True)
+    hour = at_ms % DAY_MS // HOUR_MS
+    this_hour = _counter(days[0], M_HOURS + hour)
+    last_hour = _counter(days[0], M_HOURS + hour - 1) if hour else _counter(days[1], M_HOURS + 23)
+    left_h = 1.0 - (at_ms % HOUR_MS) / HOUR_MS
+    left_d = 1.0 - (at_ms % DAY_MS) / DAY_MS
+    return dict(zip(MERCHANT_FIELDS, (
+        this_hour + last_hour * left_h, refunds[0] + refunds[1] * left_d,
+        sum(refunds[:7]) + refunds[7] * left_d, quick[0] + quick[1] * left_d,
+        sum(bnpl_refunds[:7]) + bnpl_refunds[7] * left_d, sum(orders[:7]) + orders[7] * left_d,
+        sum(bnpl_orders[:7]) + bnpl_orders[7] * left_d), strict=True))
+
+
+def _counter(raw: bytes | None, i: int) -> int:
+    """The i-th u32 of a day's counters (0 past the end of the string)."""
+    return int.from_bytes(raw[4 * i:4 * i + 4], "big") if raw else 0
+
+
 class VelocityStore:
     """Records refunds and events and reads their windows, one pipelined round trip each."""
 
@@ -184,7 +404,7 @@ class VelocityStore:
         self.conn = conn
         self.keys = Keys(prefix)
         self.hash = hasher
-        self.replay_ttl_s = replay_ttl_s
+        self.replay_ttl_ms = replay_ttl_s * 1000
         self.breaker = breaker
 
     def refund_facts(self, req: pb.CheckRequest, at_s: float, flags: int) -> RefundFacts:
@@ -201,76 +421,127 @@ class VelocityStore:
             city=h("c", req.geo_city) if req.geo_city else "",
             amount=req.amount_minor,
             flags=flags,
+            fingerprint=fingerprint(req),
         )
 
-    def _check_commands(self, f: RefundFacts, op: str = "r") -> list[tuple[Source, Command]]:
-        k = self.keys
-        acct, acct_bl = k.account(f.account)
-        cmds: list[tuple[Source, Command]] = [("account", (
-            "EVALSHA", ACCOUNT_SCRIPT.sha, 2, acct, acct_bl, op, f.at_ms, f.refund, f.amount,
-            f.flags, f.merchant, f.order, f.ip, f.city, f.device))]
-        entities: tuple[tuple[Source, str], ...] = (("device", f.device), ("ip", f.ip))
-        for source, h in entities:
-            if h:
-                ka, kr, kbl = k.entity(source[0], h)
-                cmds.append((source, ("EVALSHA", ENTITY_SCRIPT.sha, 3, ka, kr, kbl, op, f.at_ms,
-                                      f.refund, f.account)))
-        cmds.append(("merchant", ("EVALSHA", MERCHANT_SCRIPT.sha, 5, *k.merchant(f.merchant), op,
-                                  f.at_ms, f.refund, f.flags)))
-        return cmds
+    def _log_command(self, base: str, head: Sequence[str], record: bytes, span_ms: int,
+                     buckets: int, cap: int, at_ms: int) -> Command:
+        """Read an entity's ``head`` keys and log buckets; append ``record`` to the current one
+        unless its refund is already there."""
+        bucket = at_ms // span_ms
+        logs = [Keys.log(base, b) for b in range(bucket, bucket - buckets, -1)]
+        return ("EVALSHA", LOG_SCRIPT.sha, len(head) + buckets, *head, *logs, "r",
+                len(head) + 1, record, _bucket_ttl(at_ms, span_ms, buckets), cap, record[:5])
+
+    def _account_command(self, f: RefundFacts) -> Command:
+        base = self.keys.account(f.account)
+        return self._log_command(base, (f"{base}:bl", f"{base}:x"), f.account_record,
+                                 ACCOUNT_BUCKET_MS,
+                                 ACCOUNT_BUCKETS, ACCOUNT_CAP, f.at_ms)
+
+    def _entity_command(self, kind: str, h: str, f: RefundFacts) -> Command:
+        base = self.keys.entity(kind, h)
+        return self._log_command(base, (f"{base}:bl",), f.entity_record, ENTITY_BUCKET_MS,
+                                 ENTITY_BUCKETS, ENTITY_CAP, f.at_ms)
+
+    def _append_command(self, base: str, record: bytes, span_ms: int, buckets: int, cap: int,
+                        at_ms: int) -> Command:
+        return ("EVALSHA", LOG_SCRIPT.sha, 1, Keys.log(base, at_ms // span_ms), "a", record,
+                _bucket_ttl(at_ms, span_ms, buckets), cap)
+
+    def _merchant_command(self, f: RefundFacts, op: str = "r") -> Command:
+        base = self.keys.entity("m", f.merchant)
+        day = f.at_ms // DAY_MS
+        count = [M_REFUNDS, M_HOURS + f.at_ms % DAY_MS // HOUR_MS]
+        if f.flags & F_DIGITAL_QUICK:
+            count.append(M_QUICK)
+        if f.flags & F_BNPL:
+            count.append(M_BNPL_REFUNDS)
+        days = [Keys.log(base, d) for d in range(day, day - MERCHANT_DAYS, -1)]
+        return ("EVALSHA", MERCHANT_SCRIPT.sha, 1 + MERCHANT_DAYS, f"{base}:q:{f.refund}",
+                *days, op, self.replay_ttl_ms, _bucket_ttl(f.at_ms, DAY_MS, MERCHANT_DAYS),
+                *(f"#{i}" for i in count))
 
     async def record_and_read(self, f: RefundFacts, timeout_s: float) -> CheckVelocity:
         """Record one refund request and read every window, in one round trip.
 
         Raises RedisError (timeout, connection down) when nothing usable came back.
         """
-        named = self._check_commands(f)
-        commands: list[Command] = [("GET", self.keys.reply(f.refund))]
-        commands.extend(cmd for _, cmd in named)
-        replies = await self._guarded(commands, timeout_s)
-        stored = replies[0] if isinstance(replies[0], bytes) else None
-        result = CheckVelocity(stored_reply=stored, status=None,
+        named: list[tuple[Source, Command]] = [("account", self._account_command(f))]
+        if f.device:
+            named.append(("device", self._entity_command("d", f.device, f)))
+        if f.ip:
+            named.append(("ip", self._entity_command("i", f.ip, f)))
+        named.append(("merchant", self._merchant_command(f)))
+        refund_key = ("SET", self.keys.refund(f.refund), f.marker, "NX", "GET", "PX",
+                      self.replay_ttl_ms)
+        replies = await self._guarded([refund_key, *(cmd for _, cmd in named)], timeout_s)
+        result = CheckVelocity(stored_reply=None, status=None,
                                counters={"account": None, "device": None, "ip": None,
                                          "merchant": None})
+        previous = replies[0]
+        if isinstance(previous, hiredis.ReplyError):
+            result.failed.append("account")  # no verdict on retries: decide as degraded
+        elif previous is None:
+            result.status = Status.COUNTED
+        elif previous[:_MARKER_LEN] == f.marker:
+            result.status = Status.DUPLICATE
+            result.stored_reply = previous if len(previous) > _MARKER_LEN else None
+        else:
+            result.status = Status.CONFLICT
         for (source, _), reply in zip(named, replies[1:], strict=True):
             if not isinstance(reply, list):
-                result.failed.append(source)
+                if source not in result.failed:
+                    result.failed.append(source)
                 continue
-            status = Status(reply[0])
-            if status == Status.COUNTED:
-                result.counted.append(source)
-            if source == "account":
-                result.status = status
-                if status == Status.CONFLICT:
-                    continue
-                result.counters["account"] = dict(zip(ACCOUNT_FIELDS, reply[2:], strict=True))
-                if reply[1]:
-                    result.blocked.append("account")
-            elif source == "merchant":
-                result.counters["merchant"] = dict(zip(MERCHANT_FIELDS, reply[1:], strict=True))
+            if source == "merchant":
+                new = reply[0] == Status.COUNTED
+                counters = merchant_windows(f.at_ms, reply[1])
+            elif source == "account":
+                counters, new = account_windows(f, reply[2:], reply[1])
             else:
-                result.counters[source] = dict(zip(ENTITY_FIELDS, reply[2:], strict=True))
-                if reply[1]:
-                    result.blocked.append(source)
+                counters, new = entity_windows(f, reply[1:])
+            if new:
+                result.counted.append(source)
+            if source != "merchant" and reply[0] is not None:
+                result.blocked.append(source)
+            if source != "account" or result.status in (Status.COUNTED, Status.DUPLICATE):
+                result.counters[source] = counters
         if result.failed and self.breaker is not None:
             self.breaker.record_failure()  # a script erroring on every call must open it too
         return result
 
     async def undo(self, f: RefundFacts, sources: Sequence[str], timeout_s: float) -> None:
-        """Take back a refund the scripts of ``sources`` counted (a reused refund id)."""
-        commands = [cmd for source, cmd in self._check_commands(f, op="u") if source in sources]
+        """Take back a refund the scripts of ``sources`` counted under a reused refund id: a
+        tombstone in each log, a decrement of the merchant's counters."""
+        commands: list[Command] = []
+        if "account" in sources:
+            tomb = ACCOUNT_RECORD.pack(TOMBSTONE, id32(f.refund), f.tag, f.at_ms, 0, 0, 0, 0, 0,
+                                       0, 0)
+            commands.append(self._append_command(self.keys.account(f.account), tomb,
+                                                 ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS,
+                                                 ACCOUNT_CAP, f.at_ms))
+        for kind, h, source in (("d", f.device, "device"), ("i", f.ip, "ip")):
+            if source in sources:
+                tomb = ENTITY_RECORD.pack(TOMBSTONE, id32(f.refund), f.tag, f.at_ms, 0)
+                commands.append(self._append_command(self.keys.entity(kind, h), tomb,
+                                                     ENTITY_BUCKET_MS, ENTITY_BUCKETS,
+                                                     ENTITY_CAP, f.at_ms))
+        if "merchant" in sources:
+            commands.append(self._merchant_command(f, op="u"))
         if commands:
             await self._call_scripts(commands, timeout_s)
 
-    def store_reply(self, refund_hash: str, payload: bytes) -> bool:
-        """Keep the answer for retries, fire and forget: it rides in the next pipeline flush.
+    def store_reply(self, f: RefundFacts, payload: bytes) -> bool:
+        """Keep the answer for retries over the refund's key, fire and forget: it rides in the
+        next pipeline flush.
 
         Best effort: if it is lost, a retry finds its refund already counted and recomputes the
         same decision (same windows, same decision id), so nothing is counted twice.
         """
         try:
-            future = self.conn.send([("SET", self.keys.reply(refund_hash), payload, "EX",
-                                      self.replay_ttl_s, "NX")], urgent=False)
+            future = self.conn.send([("SET", self.keys.refund(f.refund), payload, "XX",
+                                      "KEEPTTL")], urgent=False)
         except RedisError:
             return False
         future.add_done_callback(_consume)
@@ -279,41 +550,57 @@ class VelocityStore:
     async def record_events(
         self, events: Sequence[pb.Event], times_s: Sequence[float], timeout_s: float
     ) -> list[Status]:
-        """Count a batch of events in one round trip; the account script decides duplicates."""
-        k, h = self.keys, self.hash
+        """Count a batch of events in one round trip; the account's dedup key decides
+        duplicates (each entity also dedups its own part)."""
         commands: list[Command] = []
         primary: list[int] = []
         for ev, at_s in zip(events, times_s, strict=True):
-            now = int(at_s * 1000)
-            eid = h("e", ev.event_id)
-            acct, acct_bl = k.account(h("a", ev.account_id))
             primary.append(len(commands))
-            if ev.type == pb.EVENT_TYPE_ORDER_PLACED:
-                merchant, order = h("m", ev.merchant_id), h("o", ev.order_id)
-                device = h("d", ev.device_id) if ev.device_id else ""
-                ip = h("i", normalize_ip(ev.ip)) if ev.ip else ""
-                city = h("c", ev.geo_city) if ev.geo_city else ""
-                account = h("a", ev.account_id)
-                commands.append(("EVALSHA", ACCOUNT_SCRIPT.sha, 2, acct, acct_bl, "o", now, eid,
-                                 merchant, order, ip, city, device))
-                bnpl = "1" if ev.payment_method == pb.PAYMENT_METHOD_BNPL else "0"
-                commands.append(("EVALSHA", MERCHANT_SCRIPT.sha, 5, *k.merchant(merchant), "o",
-                                 now, eid, bnpl))
-                for kind, eh in (("d", device), ("i", ip)):
-                    if eh:
-                        commands.append(("EVALSHA", ENTITY_SCRIPT.sha, 3, *k.entity(kind, eh), "a",
-                                         now, account))
-            elif ev.type == pb.EVENT_TYPE_ORDER_DELIVERED:
-                commands.append(("EVALSHA", ACCOUNT_SCRIPT.sha, 2, acct, acct_bl, "v", now,
-                                 h("o", ev.order_id)))
-            else:
-                op = "x" if ev.outcome in BAD_OUTCOMES else "p"
-                commands.append(("EVALSHA", ACCOUNT_SCRIPT.sha, 2, acct, acct_bl, op, now, eid))
+            commands.extend(self._event_commands(ev, int(at_s * 1000)))
         replies = await self._guarded(commands, timeout_s)
         for reply in replies:
             if not isinstance(reply, list):
                 raise RedisReplyError(f"event script failed: {reply}")
         return [Status(replies[i][0]) for i in primary]
+
+    def _event_commands(self, ev: pb.Event, now: int) -> list[Command]:
+        """The account's command first (its reply is the event's status), then the others."""
+        k, h = self.keys, self.hash
+        eid, account = h("e", ev.event_id), h("a", ev.account_id)
+        base = k.account(account)
+        log = Keys.log(base, now // ACCOUNT_BUCKET_MS)
+        log_ttl, cap = _bucket_ttl(now, ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS), ACCOUNT_CAP
+        others: list[Command] = []
+        if ev.type == pb.EVENT_TYPE_ORDER_PLACED:
+            merchant, order = h("m", ev.merchant_id), h("o", ev.order_id)
+            device = h("d", ev.device_id) if ev.device_id else ""
+            ip = h("i", normalize_ip(ev.ip)) if ev.ip else ""
+            city = h("c", ev.geo_city) if ev.geo_city else ""
+            record = ACCOUNT_RECORD.pack(ORDER, id32(eid), 0, now, ev.amount_minor, 0,
+                                         id32(merchant), id32(order), id32(ip), id32(city),
+                                         id32(device))
+            count = [M_ORDERS] + ([M_BNPL_ORDERS] if ev.payment_method == pb.PAYMENT_METHOD_BNPL
+                                  else [])
+            mbase = k.entity("m", merchant)
+            others.append(("EVALSHA", MERCHANT_SCRIPT.sha, 2, f"{mbase}:e:{eid}",
+                           Keys.log(mbase, now // DAY_MS), "o", self.replay_ttl_ms,
+                           _bucket_ttl(now, DAY_MS, MERCHANT_DAYS), *(f"#{i}" for i in count)))
+            seen = ENTITY_RECORD.pack(SEEN, 0, 0, now, id32(account))
+            for kind, eh in (("d", device), ("i", ip)):
+                if eh:
+                    others.append(self._append_command(k.entity(kind, eh), seen,
+                                                       ENTITY_BUCKET_MS, ENTITY_BUCKETS,
+                                                       ENTITY_CAP, now))
+        elif ev.type == pb.EVENT_TYPE_ORDER_DELIVERED:
+            record = ACCOUNT_RECORD.pack(DELIVERED, id32(eid), 0, now, 0, 0, 0,
+                                         id32(h("o", ev.order_id)), 0, 0, 0)
+        elif ev.outcome in BAD_OUTCOMES:
+            record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), f"{base}:x", ABUSE_TTL_MS,
+                                         ABUSE_CAP)
+        else:
+            record = b""  # other outcomes only take their event id
+        return [("EVALSHA", LOG_SCRIPT.sha, 2, f"{base}:e:{eid}", log, "e", self.replay_ttl_ms,
+                 record, log_ttl, cap), *others]
 
     async def _guarded(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
         """Call through the circuit breaker: refused at once while it is open."""
@@ -331,16 +618,26 @@ class VelocityStore:
         return replies
 
     async def _call_scripts(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
-        """Send a batch; if Redis lost the scripts (restart, SCRIPT FLUSH) load them and resend.
-
-        Resending is safe because every script is idempotent for the same refund or event id.
+        """Send a batch; if Redis lost the scripts (restart, SCRIPT FLUSH) load them and resend
+        the commands that failed for it (not the others: the refund key's SET NX must not run
+        twice). Resending a script is safe: each is idempotent for the same refund or event.
         """
         replies = await self.conn.call(commands, timeout_s)
-        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")
-               for r in replies):
-            await self.conn.call(LOAD_SCRIPTS, timeout_s)
-            replies = await self.conn.call(commands, timeout_s)
+        lost = [i for i, r in enumerate(replies)
+                if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
+        if lost:
+            again = await self.conn.call([*LOAD_SCRIPTS, *(commands[i] for i in lost)],
+                                         timeout_s)
+            for i, reply in zip(lost, again[len(LOAD_SCRIPTS):], strict=True):
+                replies[i] = reply
         return replies
+
+
+def _bucket_ttl(at_ms: int, span_ms: int, buckets: int) -> int:
+    """TTL (ms, from at_ms) of the bucket holding at_ms: until the last Check that reads it
+    (the bucket ``buckets - 1`` spans later has ended), plus an hour."""
+    end = (at_ms // span_ms + buckets) * span_ms
+    return max(end - at_ms, span_ms) + HOUR_MS
 
 
 def _consume(future: Any) -> None:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from gate.devredis import RedisProcess, start_redis
 from gate.settings import DEV_ID_KEY
-from gate.velocity import IdHasher, Keys
+from gate.velocity import FP_LEN, REPLY_MAGIC, IdHasher, Keys
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 from tests.conftest import make_request
@@ -45,7 +45,8 @@ FIELDS = {
 }
 TIMESTAMPS = ("order_created_at", "account_created_at", "requested_at")
 _unique = itertools.count()
-_reply_key = Keys("rg").reply
+_keys = Keys("rg")
+MARKER_LEN = len(REPLY_MAGIC) + FP_LEN
 _hash = IdHasher(DEV_ID_KEY)
 
 
@@ -66,7 +67,8 @@ class Target:
         if resp.degraded or resp.replayed:
             return
         deadline = time.monotonic() + 2
-        while not self.client.exists(_reply_key(_hash("r", refund_id))):
+        key = _keys.refund(_hash("r", refund_id))
+        while len(self.client.get(key) or b"") <= MARKER_LEN:
             assert time.monotonic() < deadline, "stored answer never appeared"
 
 

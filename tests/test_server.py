@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from gate.bundle import Bundle
 from gate.devredis import RedisProcess, free_port
 from gate.settings import Settings
+from gate.velocity import FP_LEN, REPLY_MAGIC
 from refundgate.v1 import refund_gate_pb2 as pb
 from tests.conftest import RunningGate, make_request, start_gate, stop_gate
 
@@ -274,7 +275,8 @@ async def _until_stored(gate: RunningGate, rdb: redis.Redis) -> None:
     assert gate.gate.decision_log is not None
     await gate.gate.decision_log.flush()
     await gate.gate.redis.call([("PING",)], timeout_s=2)
-    assert rdb.keys("rg:{r:*"), "stored answer is missing"
+    stored = [rdb.get(key) or b"" for key in rdb.keys("rg:{r:*")]
+    assert any(len(v) > len(REPLY_MAGIC) + FP_LEN for v in stored), "stored answer is missing"
 
 
 def _snapshot(rdb: redis.Redis) -> dict[bytes, object]:

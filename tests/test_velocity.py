@@ -13,7 +13,19 @@ import redis
 from gate.devredis import RedisProcess
 from gate.features import F_DIGITAL_QUICK, F_INR
 from gate.redisclient import RedisAddress, RedisConnection
-from gate.velocity import LOAD_SCRIPTS, IdHasher, RefundFacts, Status, VelocityStore
+from gate.velocity import (
+    ACCOUNT_BUCKET_MS,
+    ACCOUNT_BUCKETS,
+    ACCOUNT_CAP,
+    ENTITY_BUCKET_MS,
+    ENTITY_BUCKETS,
+    LOAD_SCRIPTS,
+    IdHasher,
+    Keys,
+    RefundFacts,
+    Status,
+    VelocityStore,
+)
 from refundgate.v1 import refund_gate_pb2 as pb
 from tests.conftest import NOW, make_request
 
@@ -51,7 +63,7 @@ async def test_one_round_trip_per_check(store: VelocityStore, monkeypatch: pytes
 
     monkeypatch.setattr(store.conn, "call", counting_call)
     await store.record_and_read(facts(store), 2.0)
-    assert batches == [5]  # GET stored answer + account, device, IP, merchant scripts
+    assert batches == [5]  # the refund key, then the account, device, IP, merchant scripts
 
 
 async def test_windows_slide_with_request_time(store: VelocityStore) -> None:
@@ -125,48 +137,77 @@ async def test_reused_refund_id_with_other_content_conflicts_and_writes_nothing(
     store: VelocityStore, rdb: redis.Redis
 ) -> None:
     await store.record_and_read(facts(store), 2.0)
-    before = rdb.zrange(b"rg:{a:" + store.hash("a", "acct:1").encode() + b"}", 0, -1)
+    f = facts(store)
+    log = Keys.log(store.keys.account(f.account), f.at_ms // ACCOUNT_BUCKET_MS)
+    before = rdb.get(log)
     result = await store.record_and_read(facts(store, amount_minor=1), 2.0)
     assert result.status == Status.CONFLICT and result.counters["account"] is None
-    after = rdb.zrange(b"rg:{a:" + store.hash("a", "acct:1").encode() + b"}", 0, -1)
-    assert before == after
+    assert rdb.get(log) == before
 
 
 async def test_every_key_expires_and_ids_are_hashed(store: VelocityStore, rdb: redis.Redis
                                                     ) -> None:
-    await read(store, facts(store, account_id="acct:SECRET", device_id="dev:SECRET",
-                            merchant_id="m:SECRET", order_id="ord:SECRET"))
+    f = facts(store, account_id="acct:SECRET", device_id="dev:SECRET", merchant_id="m:SECRET",
+              order_id="ord:SECRET")
+    await read(store, f)
     ev = pb.Event(event_id="ev:SECRET", type=pb.EVENT_TYPE_ORDER_PLACED,
                   account_id="acct:SECRET", merchant_id="m:SECRET", order_id="ord:SECRET",
                   amount_minor=100, currency="EUR", item_category=pb.ITEM_CATEGORY_PHYSICAL,
                   payment_method=pb.PAYMENT_METHOD_CARD, device_id="dev:SECRET", ip="192.0.2.9")
     await store.record_events([ev], [NOW], 2.0)
-    store.store_reply(store.hash("r", "rf:1"), b"payload")
+    store.store_reply(f, f.marker + b"payload")
     await store.conn.call([("PING",)], 2.0)
     keys = rdb.keys("*")
-    assert len(keys) >= 10
+    assert len(keys) >= 9
     for key in keys:
         assert rdb.pttl(key) > 0, key
-        assert b"SECRET" not in key and b"203.0.113.7" not in key
-        if rdb.type(key) == b"zset":
-            assert not any(b"SECRET" in m for m in rdb.zrange(key, 0, -1))
+        assert b"SECRET" not in key and b"192.0.2.9" not in key
+        assert b"SECRET" not in rdb.dump(key)  # type: ignore[operator]
+    assert rdb.get(store.keys.refund(f.refund)) == f.marker + b"payload"
 
 
-async def test_old_entries_are_trimmed_by_time(store: VelocityStore, rdb: redis.Redis) -> None:
-    await read(store, facts(store, at=NOW - 100 * DAY, refund_id="rf:old"))
-    await read(store, facts(store, refund_id="rf:new", order_id="o:2"))
-    account_key = "rg:{a:" + store.hash("a", "acct:1") + "}"
-    device_key = "rg:{d:" + store.hash("d", "dev:1") + "}:r"
-    members = rdb.zrange(account_key, 0, -1)
-    assert len([m for m in members if m.startswith(b"R|")]) == 1
-    assert rdb.zcard(device_key) == 1
+async def test_old_buckets_are_not_read_and_expire(store: VelocityStore, rdb: redis.Redis
+                                                  ) -> None:
+    old = facts(store, at=NOW - 100 * DAY, refund_id="rf:old", order_id="o:old")
+    await read(store, old)
+    c = await read(store, facts(store, refund_id="rf:new", order_id="o:2"))
+    assert c["account"]["refunds_30d"] == 1 and c["device"]["refunds_24h"] == 1
+    account_log = Keys.log(store.keys.account(old.account), old.at_ms // ACCOUNT_BUCKET_MS)
+    device_log = Keys.log(store.keys.entity("d", old.device), old.at_ms // ENTITY_BUCKET_MS)
+    # a bucket lives only until the last Check that can read it, measured from its own time
+    assert 0 < rdb.pttl(account_log) <= (ACCOUNT_BUCKETS + 1) * ACCOUNT_BUCKET_MS
+    assert 0 < rdb.pttl(device_log) <= (ENTITY_BUCKETS + 1) * ENTITY_BUCKET_MS
 
 
-async def test_account_set_is_capped(store: VelocityStore, rdb: redis.Redis) -> None:
-    await asyncio.gather(*(store.record_and_read(
-        facts(store, at=NOW - i, refund_id=f"rf:{i}", order_id=f"o:{i}", device_id="", ip="",
-              geo_city=""), 5.0) for i in range(400)))
-    assert rdb.zcard("rg:{a:" + store.hash("a", "acct:1") + "}") == 300
+async def test_a_full_log_bucket_keeps_its_newest_half(store: VelocityStore, rdb: redis.Redis
+                                                       ) -> None:
+    base = NOW // (8 * DAY) * (8 * DAY) + DAY  # well inside one 8-day bucket
+    for i in range(200):
+        await read(store, facts(store, at=base + i, refund_id=f"rf:{i}", order_id=f"o:{i}",
+                                device_id="", ip="", geo_city=""))
+    f = facts(store, at=base + 200, refund_id="rf:last", order_id="o:last", device_id="",
+              ip="", geo_city="")
+    c = await read(store, f)
+    log = rdb.get(Keys.log(store.keys.account(f.account), f.at_ms // ACCOUNT_BUCKET_MS))
+    assert log is not None and len(log) <= ACCOUNT_CAP
+    # the newest records survive: every refund of the last 40 seconds is still counted
+    assert c["account"]["refunds_1h"] >= 45
+
+
+async def test_merchant_windows_are_sliding_estimates_from_day_buckets(
+    store: VelocityStore,
+) -> None:
+    midnight = NOW // DAY * DAY
+    for i, at in enumerate((midnight - DAY + 6 * HOUR, midnight - 2 * HOUR,
+                            midnight + 5 * HOUR + 1, midnight + 5 * HOUR + 2)):
+        await read(store, facts(store, at=at, refund_id=f"rf:{i}", order_id=f"o:{i}"))
+    c = await read(store, facts(store, at=midnight + 6 * HOUR, refund_id="rf:now",
+                                order_id="o:now"))
+    m = c["merchant"]
+    assert m["refunds_1h"] == 3  # this hour: 1; the last hour (5-6 h): 2, all of it left
+    # today 3, yesterday 2 with three quarters of its day still inside the 24 h window
+    assert m["refunds_24h"] == 3 + 2 * 0.75
+    assert m["refunds_7d"] == 5
 
 
 async def test_events_feed_orders_deliveries_and_outcomes(store: VelocityStore) -> None:
