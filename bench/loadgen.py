@@ -508,6 +508,8 @@ class Population:
 # Top-level commands a Check sends: the velocity round trip (GET of a stored answer, one EVALSHA
 # per entity), SET of the answer for retries, and XADD of the decision log. Commands run inside
 # the scripts are counted by Redis too, but their time is already inside EVALSHA's.
+# The refund key's SET and the stored answers are plain commands; GET and SET also run inside
+# the scripts, where EVALSHA's time already holds them: the sum overstates by a few µs per Check.
 VELOCITY_COMMANDS = ("evalsha", "get", "set")
 REDIS_COMMANDS = (*VELOCITY_COMMANDS, "xadd")
 

@@ -49,6 +49,7 @@ REASON_DETAILS: dict[str, str] = {
     "BNPL_CASHOUT": "buy-now-pay-later orders at this merchant turn into refunds",
 }
 _FEATURE_REASONS = tuple(f.reason for f in FEATURES)
+_CODES = tuple(dict.fromkeys(_FEATURE_REASONS))
 assert set(_FEATURE_REASONS) <= set(REASON_DETAILS), "every feature reason needs a detail text"
 
 
@@ -132,15 +133,17 @@ def _max(a: str, b: str) -> str:
 
 
 def _model_reasons(attribution: Sequence[float] | None, already: Sequence[str]) -> tuple[str, ...]:
-    """Reason codes of the features that pushed the score up most, one per code."""
+    """Reason codes whose features together pushed the score up most.
+
+    A code weighs the summed attribution of all its features: the evidence for "quick
+    digital-goods refund" is the request's flag plus the account's and the merchant's counts of
+    them, so one strong supporting feature (a young account) does not outrank a signal whose
+    evidence is spread over several features.
+    """
     if attribution is None:
         return ()
-    order = sorted(range(len(attribution)), key=attribution.__getitem__, reverse=True)
-    out: list[str] = []
-    for i in order:
-        if attribution[i] <= 0 or len(out) == MAX_MODEL_REASONS:
-            break
-        code = _FEATURE_REASONS[i]
-        if code not in out and code not in already:
-            out.append(code)
-    return tuple(out)
+    weight = dict.fromkeys(_CODES, 0.0)
+    for code, value in zip(_FEATURE_REASONS, attribution, strict=True):
+        weight[code] += value
+    ranked = sorted((w, code) for code, w in weight.items() if w > 0 and code not in already)
+    return tuple(code for _, code in reversed(ranked[-MAX_MODEL_REASONS:]))

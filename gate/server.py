@@ -122,6 +122,17 @@ class _HealthServicer(health.aio.HealthServicer):
             await super().Watch(request, context)
 
 
+MIN_REDIS = (7, 0)  # SET NX GET, PEXPIRE GT (gate/lua/*.lua)
+
+
+def redis_version(info: bytes) -> tuple[int, ...]:
+    """The server version in an ``INFO server`` reply, e.g. (7, 0, 15); (0,) if absent."""
+    for line in info.decode(errors="replace").splitlines():
+        if line.startswith("redis_version:"):
+            return tuple(int(p) for p in line.split(":", 1)[1].split(".") if p.isdigit())
+    return (0,)
+
+
 @dataclass
 class Gate:
     """A built, not yet started gate: the server and the parts tests may want to reach."""
@@ -151,12 +162,21 @@ class Gate:
 
     async def _become_ready(self) -> None:
         delay = 0.02
+        warned = False
         while True:
             try:
                 if not self.redis.connected:
                     await self.redis.connect()
-                await self.redis.call([("PING",)], timeout_s=1.0)
-                break
+                (info,) = await self.redis.call([("INFO", "server")], timeout_s=1.0)
+                version = redis_version(info)
+                if version >= MIN_REDIS:
+                    break
+                if not warned:  # the scripts would fail on every Check: refuse to serve
+                    log.error("Redis %s is too old: refund-gate needs %s or later; staying "
+                              "NOT_SERVING", ".".join(map(str, version)),
+                              ".".join(map(str, MIN_REDIS)))
+                    warned = True
+                await asyncio.sleep(5.0)
             except RedisError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

@@ -3,10 +3,11 @@
     request → validate → request features → velocity (one round trip) → assemble → score → decide
             → respond; then, off the hot path, store the answer for retries
 
-Retries: the account script is the authority on whether a refund_id was already counted; its
-stored answer comes back in the same round trip. Concurrent identical calls in one process share
-one computation (single flight); across processes the scripts' per-entity dedup keeps counts
-exact and the decision id is derived from the refund id, so every copy names the same decision.
+Retries: the refund key (gate/velocity.py) is the authority on whether a refund_id was already
+counted; its stored answer comes back in the same round trip. Concurrent identical calls in one
+process share one computation (single flight); across processes the logs' per-refund ids keep
+counts exact and the decision id is derived from the refund id, so every copy names the same
+decision.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Layout (every key of one script shares one hash tag, so it works unchanged on Re
     {p}:{a:<h>}:x         the account's abuse outcomes (times)
     {p}:{d:<h>}:L<n>      device log: refunds asked from it and accounts seen on it, per day n
     {p}:{i:<h>}:L<n>      IP log: the same
-    {p}:{m:<h>}:L<n>      merchant counters of day n (u32: refunds, ..., refunds per hour)
+    {p}:{m:<h>}:c         merchant counters: a ring of 9 day slots of u32 (day, refunds, ...,
+                          refunds per hour), one BITFIELD to count, one GET to read
     {p}:{m:<h>}:q:<r>     one refund (or :e:<e> one order event) of the merchant, for dedup
     {p}:{X:<h>}:bl        blocklist entry of an account (a), device (d) or IP (i)
 
@@ -84,13 +85,16 @@ ENTITY_RECORD = struct.Struct("<BIIqI")
 ENTITY_BUCKET_MS = 4 * DAY_MS
 ENTITY_BUCKETS = 3
 ENTITY_CAP = 2 * ENTITY_RECORD.size * 96  # 192 records per 4 days, then the newest half
-# Merchant counters: one string of u32 per day (refunds, quick digital refunds, BNPL refunds,
-# orders, BNPL orders, then refunds in each hour); a Check reads today and the seven days before.
-M_REFUNDS, M_QUICK, M_BNPL_REFUNDS, M_ORDERS, M_BNPL_ORDERS, M_HOURS = range(6)
-MERCHANT_DAY = struct.Struct(f">{M_HOURS + 24}I")  # BITFIELD integers are big-endian
-_M_HEAD = struct.Struct(f">{M_HOURS}I")
-_M_ZERO = (0,) * M_HOURS
+# Merchant counters: one ring string of 9 day slots; a slot is u32 (BITFIELD integers are
+# big-endian): its day number, refunds, quick digital refunds, BNPL refunds, orders, BNPL orders,
+# then refunds in each hour. A Check reads today and the seven days before.
+M_DAY, M_REFUNDS, M_QUICK, M_BNPL_REFUNDS, M_ORDERS, M_BNPL_ORDERS, M_HOURS = range(7)
+M_SLOT = M_HOURS + 24  # u32 per slot
+MERCHANT_SLOTS = 9
+MERCHANT_RING = struct.Struct(f">{M_SLOT * MERCHANT_SLOTS}I")
 MERCHANT_DAYS = 8
+MERCHANT_TTL_MS = MERCHANT_SLOTS * DAY_MS
+_M_ZERO = (0,) * M_SLOT
 REFUND, ORDER, DELIVERED, SEEN, TOMBSTONE = b"R"[0], b"O"[0], b"V"[0], b"A"[0], b"U"[0]
 
 REPLY_MAGIC = b"rg1"
@@ -99,7 +103,7 @@ _MARKER_LEN = len(REPLY_MAGIC) + FP_LEN
 
 
 class Status(IntEnum):
-    """What a script did with the refund or event it was given."""
+    """What Redis said of a refund or event: new, a retry, or a reused id."""
 
     COUNTED = 0
     DUPLICATE = 1  # already counted: a retry
@@ -372,28 +376,41 @@ def entity_windows(f: RefundFacts, logs: Sequence[bytes | None]) -> tuple[dict[s
     return dict(zip(ENTITY_FIELDS, (a24h, a7d, r1h, r24h), strict=True)), new
 
 
-def merchant_windows(at_ms: int, days: Sequence[bytes | None]) -> dict[str, float]:
-    """Sliding-window estimates from day counters, newest day first: the current bucket whole,
-    plus the part of the oldest one still inside the window (its count spread evenly)."""
-    # BITFIELD grows a day's string only as far as the highest counter written so far.
-    heads = [_M_HEAD.unpack_from(raw.ljust(_M_HEAD.size, b"\0")) if raw else _M_ZERO
-             for raw in days]
-    refunds, quick, bnpl_refunds, orders, bnpl_orders = zip(*heads, strict=True)
+def merchant_days(ring: bytes | None, day: int) -> list[tuple[int, ...]]:
+    """The counter slots of ``day`` and the seven days before, newest first (zeros for a day
+    the ring does not hold)."""
+    values = MERCHANT_RING.unpack(ring.ljust(MERCHANT_RING.size, b"\0")) if ring else ()
+    out = []
+    for d in range(day, day - MERCHANT_DAYS, -1):
+        i = d % MERCHANT_SLOTS * M_SLOT
+        out.append(values[i:i + M_SLOT] if values and values[i + M_DAY] == d else _M_ZERO)
+    return out
+
+
+def merchant_windows(at_ms: int, ring: bytes | None) -> dict[str, float]:
+    """Sliding-window estimates from day counters: the current bucket whole, plus the part of
+    the oldest one still inside the window (its count spread evenly)."""
+    days = merchant_days(ring, at_ms // DAY_MS)
     hour = at_ms % DAY_MS // HOUR_MS
-    this_hour = _counter(days[0], M_HOURS + hour)
-    last_hour = _counter(days[0], M_HOURS + hour - 1) if hour else _counter(days[1], M_HOURS + 23)
+    this_hour = days[0][M_HOURS + hour]
+    last_hour = days[0][M_HOURS + hour - 1] if hour else days[1][M_HOURS + 23]
     left_h = 1.0 - (at_ms % HOUR_MS) / HOUR_MS
     left_d = 1.0 - (at_ms % DAY_MS) / DAY_MS
+
+    def week(i: int) -> float:
+        return sum(d[i] for d in days[:7]) + days[7][i] * left_d
+
     return dict(zip(MERCHANT_FIELDS, (
-        this_hour + last_hour * left_h, refunds[0] + refunds[1] * left_d,
-        sum(refunds[:7]) + refunds[7] * left_d, quick[0] + quick[1] * left_d,
-        sum(bnpl_refunds[:7]) + bnpl_refunds[7] * left_d, sum(orders[:7]) + orders[7] * left_d,
-        sum(bnpl_orders[:7]) + bnpl_orders[7] * left_d), strict=True))
+        this_hour + last_hour * left_h, days[0][M_REFUNDS] + days[1][M_REFUNDS] * left_d,
+        week(M_REFUNDS), days[0][M_QUICK] + days[1][M_QUICK] * left_d, week(M_BNPL_REFUNDS),
+        week(M_ORDERS), week(M_BNPL_ORDERS)), strict=True))
 
 
-def _counter(raw: bytes | None, i: int) -> int:
-    """The i-th u32 of a day's counters (0 past the end of the string)."""
-    return int.from_bytes(raw[4 * i:4 * i + 4], "big") if raw else 0
+def _ring_args(at_ms: int, counters: Sequence[int]) -> list[Any]:
+    """Merchant script arguments from the day on: day, its slot, the counters to increment."""
+    day = at_ms // DAY_MS
+    base = day % MERCHANT_SLOTS * M_SLOT
+    return [day, f"#{base + M_DAY}", base * 4, *(f"#{base + c}" for c in counters)]
 
 
 class VelocityStore:
@@ -436,8 +453,7 @@ class VelocityStore:
     def _account_command(self, f: RefundFacts) -> Command:
         base = self.keys.account(f.account)
         return self._log_command(base, (f"{base}:bl", f"{base}:x"), f.account_record,
-                                 ACCOUNT_BUCKET_MS,
-                                 ACCOUNT_BUCKETS, ACCOUNT_CAP, f.at_ms)
+                                 ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS, ACCOUNT_CAP, f.at_ms)
 
     def _entity_command(self, kind: str, h: str, f: RefundFacts) -> Command:
         base = self.keys.entity(kind, h)
@@ -451,16 +467,13 @@ class VelocityStore:
 
     def _merchant_command(self, f: RefundFacts, op: str = "r") -> Command:
         base = self.keys.entity("m", f.merchant)
-        day = f.at_ms // DAY_MS
         count = [M_REFUNDS, M_HOURS + f.at_ms % DAY_MS // HOUR_MS]
         if f.flags & F_DIGITAL_QUICK:
             count.append(M_QUICK)
         if f.flags & F_BNPL:
             count.append(M_BNPL_REFUNDS)
-        days = [Keys.log(base, d) for d in range(day, day - MERCHANT_DAYS, -1)]
-        return ("EVALSHA", MERCHANT_SCRIPT.sha, 1 + MERCHANT_DAYS, f"{base}:q:{f.refund}",
-                *days, op, self.replay_ttl_ms, _bucket_ttl(f.at_ms, DAY_MS, MERCHANT_DAYS),
-                *(f"#{i}" for i in count))
+        return ("EVALSHA", MERCHANT_SCRIPT.sha, 2, f"{base}:q:{f.refund}", f"{base}:c", op,
+                self.replay_ttl_ms, MERCHANT_TTL_MS, *_ring_args(f.at_ms, count))
 
     async def record_and_read(self, f: RefundFacts, timeout_s: float) -> CheckVelocity:
         """Record one refund request and read every window, in one round trip.
@@ -582,9 +595,8 @@ class VelocityStore:
             count = [M_ORDERS] + ([M_BNPL_ORDERS] if ev.payment_method == pb.PAYMENT_METHOD_BNPL
                                   else [])
             mbase = k.entity("m", merchant)
-            others.append(("EVALSHA", MERCHANT_SCRIPT.sha, 2, f"{mbase}:e:{eid}",
-                           Keys.log(mbase, now // DAY_MS), "o", self.replay_ttl_ms,
-                           _bucket_ttl(now, DAY_MS, MERCHANT_DAYS), *(f"#{i}" for i in count)))
+            others.append(("EVALSHA", MERCHANT_SCRIPT.sha, 2, f"{mbase}:e:{eid}", f"{mbase}:c",
+                           "o", self.replay_ttl_ms, MERCHANT_TTL_MS, *_ring_args(now, count)))
             seen = ENTITY_RECORD.pack(SEEN, 0, 0, now, id32(account))
             for kind, eh in (("d", device), ("i", ip)):
                 if eh:

@@ -274,8 +274,8 @@ def top_reason(table: dict[str, dict[str, Any]], scenario: str) -> str | None:
 
 
 def reason_sources(part: Part, decisions: Decisions) -> list[dict[str, Any]]:
-    """For every model reason code cited on held or rejected refunds: the feature that put it
-    there (the one with that code and the largest attribution, as the policy picks it), with the
+    """For every model reason code cited on held or rejected refunds: the feature that carries
+    most of it (of the code's features, whose attributions the policy sums, the largest), with the
     feature's median value when cited against its median over legitimate refunds. A code whose
     cited values look like the legitimate ones asserts something the row does not show."""
     codes = [f.reason for f in FEATURES]

@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=2_000_000, help="simulated records")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--max-trees", type=int, default=1000)
+    parser.add_argument("--max-trees", type=int, default=300,
+                        help="at most this many trees (the committed default bundle: <= 300)")
     parser.add_argument("--dropout", type=float, default=0.2,
                         help="share of training rows with every velocity feature masked")
     parser.add_argument("--target-hold", type=float, default=DEFAULT_TARGETS.legit_held,

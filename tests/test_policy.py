@@ -81,3 +81,10 @@ def test_thresholds_must_be_ordered() -> None:
         policy.Thresholds(hold=0.9, reject=0.5)
     with pytest.raises(ValueError):
         policy.Thresholds(hold=0.0, reject=0.5)
+
+
+def test_a_reason_weighs_the_evidence_of_all_its_features() -> None:
+    explain = attribution(account_age_days=0.5, digital_quick_refund=0.3,
+                          acct_digital_quick_7d=0.2, m_digital_quick_24h=0.1)
+    verdict = policy.decide(0.6, T, facts(), CALM, lambda: explain)
+    assert verdict.reasons[:2] == ("DIGITAL_GOODS_QUICK_REFUND", "NEW_ACCOUNT")

@@ -25,14 +25,15 @@ from gate.devredis import start_redis
 from gate.settings import DEV_ID_KEY
 from gate.velocity import (
     ACCOUNT_RECORD,
+    DAY_MS,
     ENTITY_RECORD,
     M_ORDERS,
     M_REFUNDS,
-    MERCHANT_DAY,
     ORDER,
     REFUND,
     IdHasher,
     Keys,
+    merchant_days,
 )
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
@@ -55,12 +56,9 @@ def logged(client: redis.Redis, base: str, record: struct.Struct, kind: int) -> 
 
 
 def merchant_count(client: redis.Redis, merchant: str, counter: int) -> int:
-    """One counter summed over every day of a merchant, read raw."""
-    total = 0
-    for key in client.keys(f"{_keys.entity('m', _hash('m', merchant))}:L*"):
-        value = (client.get(key) or b"").ljust(MERCHANT_DAY.size, b"\0")
-        total += MERCHANT_DAY.unpack(value[:MERCHANT_DAY.size])[counter]
-    return total
+    """One counter summed over the merchant's days in the ring, read raw."""
+    ring = client.get(f"{_keys.entity('m', _hash('m', merchant))}:c")
+    return sum(day[counter] for day in merchant_days(ring, int(NOW * 1000) // DAY_MS))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 
 from gate.bundle import Bundle
 from gate.devredis import RedisProcess, free_port
+from gate.server import MIN_REDIS, redis_version
 from gate.settings import Settings
 from gate.velocity import FP_LEN, REPLY_MAGIC
 from refundgate.v1 import refund_gate_pb2 as pb
@@ -292,3 +293,10 @@ def _snapshot(rdb: redis.Redis) -> dict[bytes, object]:
         else:
             out[key] = rdb.get(key)
     return out
+
+
+def test_the_redis_version_is_read_from_info_server() -> None:
+    info = b"# Server\r\nredis_version:6.2.14\r\nredis_mode:standalone\r\n"
+    assert redis_version(info) == (6, 2, 14) and redis_version(info) < MIN_REDIS
+    assert redis_version(b"redis_version:7.0.15\r\n") >= MIN_REDIS
+    assert redis_version(b"# Server\r\n") == (0,)
