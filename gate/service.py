@@ -36,7 +36,7 @@ from gate.reloader import ModelHolder
 from gate.settings import Settings
 from gate.telemetry import Telemetry
 from gate.validation import ValidationError, validate_check, validate_events
-from gate.velocity import FP_LEN, REPLY_MAGIC, CheckVelocity, RefundFacts, Status, VelocityStore
+from gate.velocity import CheckVelocity, RefundFacts, Status, VelocityStore
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
@@ -95,21 +95,6 @@ def redis_problem(exc: RedisError) -> str:
     if isinstance(exc, RedisUnavailable):
         return "unavailable"
     return "error"
-
-
-def pack_reply(fp: bytes, response: pb.CheckResponse) -> bytes:
-    """Stored form of an answer: magic, request fingerprint (the refund key's marker, which it
-    replaces), response bytes."""
-    return REPLY_MAGIC + fp + response.SerializeToString()
-
-
-def unpack_reply(payload: bytes) -> pb.CheckResponse | None:
-    """The response of a stored answer; None for anything that is not one."""
-    if not payload.startswith(REPLY_MAGIC):
-        return None
-    response = pb.CheckResponse()
-    response.ParseFromString(payload[len(REPLY_MAGIC) + FP_LEN:])
-    return response
 
 
 def bad_request_status(err: ValidationError) -> grpc.Status:
@@ -310,7 +295,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             decision_id=_decision_id(facts.refund, status),
         )
         if status == Status.COUNTED and not degraded:
-            self.store.store_reply(facts, pack_reply(facts.fingerprint, response))
+            self.store.store_reply(facts, response.SerializeToString())
         if status == Status.DUPLICATE:
             return response  # the original's decision is the one on record
         shadow_verdict: tuple[str, float, str] | None = None
@@ -342,12 +327,12 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                 task.add_done_callback(_log_failure)
             await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
                         "refund_id was already used for a different request")
-        stored = unpack_reply(velocity.stored_reply) if velocity.stored_reply else None
-        if stored is not None:
-            self.metrics.replays.add(1)
-            stored.replayed = True
-            return stored
-        return None
+        if velocity.stored_reply is None:
+            return None
+        self.metrics.replays.add(1)
+        stored = pb.CheckResponse.FromString(velocity.stored_reply)
+        stored.replayed = True
+        return stored
 
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext

@@ -99,7 +99,7 @@ REFUND, ORDER, DELIVERED, SEEN, TOMBSTONE = b"R"[0], b"O"[0], b"V"[0], b"A"[0], 
 
 REPLY_MAGIC = b"rg1"
 FP_LEN = 16
-_MARKER_LEN = len(REPLY_MAGIC) + FP_LEN
+MARKER_LEN = len(REPLY_MAGIC) + FP_LEN  # a refund key's value: magic, fingerprint, [answer]
 
 
 class Status(IntEnum):
@@ -153,33 +153,46 @@ def id32(h: str) -> int:
 
 
 class Keys:
-    """Redis key names; the only place that knows them."""
+    """Redis key names; the only place that knows them (layout: the module docstring).
+
+    ``kind`` is the entity's letter: a(ccount), d(evice), i(p), m(erchant).
+    """
 
     __slots__ = ("prefix",)
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
-    def account(self, h: str) -> str:
-        """Common part of an account's keys (its hash tag)."""
-        return f"{self.prefix}:{{a:{h}}}"
+    def _of(self, kind: str, h: str) -> str:
+        return f"{self.prefix}:{{{kind}:{h}}}"  # the hash tag: every key of one entity
 
     def refund(self, h: str) -> str:
         """One refund id: its request fingerprint, then its stored answer."""
-        return f"{self.prefix}:{{r:{h}}}"
+        return self._of("r", h)
 
-    def entity(self, kind: str, h: str) -> str:
-        """Common part of the keys of a device (d), IP (i) or merchant (m)."""
-        return f"{self.prefix}:{{{kind}:{h}}}"
+    def log(self, kind: str, h: str, bucket: int | str) -> str:
+        """One bucket of an account, device or IP log (``"*"``: a pattern for all of them)."""
+        return f"{self._of(kind, h)}:L{bucket}"
 
-    @staticmethod
-    def log(base: str, bucket: int) -> str:
-        """One bucket of an account, device or IP log."""
-        return f"{base}:L{bucket}"
+    def abuse(self, h: str) -> str:
+        """An account's abuse outcomes."""
+        return f"{self._of('a', h)}:x"
+
+    def event(self, kind: str, h: str, event: str) -> str:
+        """One event id of an account or merchant, for deduplication."""
+        return f"{self._of(kind, h)}:e:{event}"
+
+    def merchant_refund(self, h: str, refund: str) -> str:
+        """One refund id of a merchant, for deduplication."""
+        return f"{self._of('m', h)}:q:{refund}"
+
+    def ring(self, h: str) -> str:
+        """A merchant's ring of day counters."""
+        return f"{self._of('m', h)}:c"
 
     def blocklist(self, kind: str, h: str) -> str:
         """The blocklist entry of an account (a), device (d) or IP (i)."""
-        return f"{self.prefix}:{{{kind}:{h}}}:bl"
+        return f"{self._of(kind, h)}:bl"
 
     @property
     def blocklist_index(self) -> str:
@@ -242,7 +255,8 @@ class CheckVelocity:
 
     ``counters`` holds each entity's windows, or None where that entity's script failed (its
     features stay NaN and the decision is degraded). ``status`` is the refund key's verdict,
-    the authority on retries and reused ids; None if it could not be read.
+    the authority on retries and reused ids; None if it could not be read. ``stored_reply`` is
+    the serialized answer ``store_reply`` kept for this refund, if any.
     """
 
     stored_reply: bytes | None
@@ -441,39 +455,48 @@ class VelocityStore:
             fingerprint=fingerprint(req),
         )
 
-    def _log_command(self, base: str, head: Sequence[str], record: bytes, span_ms: int,
-                     buckets: int, cap: int, at_ms: int) -> Command:
+    def _log_command(self, kind: str, h: str, head: Sequence[str], record: bytes,
+                     span_ms: int, buckets: int, cap: int, at_ms: int) -> Command:
         """Read an entity's ``head`` keys and log buckets; append ``record`` to the current one
         unless its refund is already there."""
         bucket = at_ms // span_ms
-        logs = [Keys.log(base, b) for b in range(bucket, bucket - buckets, -1)]
+        logs = [self.keys.log(kind, h, b) for b in range(bucket, bucket - buckets, -1)]
         return ("EVALSHA", LOG_SCRIPT.sha, len(head) + buckets, *head, *logs, "r",
                 len(head) + 1, record, _bucket_ttl(at_ms, span_ms, buckets), cap, record[:5])
 
     def _account_command(self, f: RefundFacts) -> Command:
-        base = self.keys.account(f.account)
-        return self._log_command(base, (f"{base}:bl", f"{base}:x"), f.account_record,
-                                 ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS, ACCOUNT_CAP, f.at_ms)
+        k = self.keys
+        return self._log_command("a", f.account, (k.blocklist("a", f.account), k.abuse(f.account)),
+                                 f.account_record, ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS,
+                                 ACCOUNT_CAP, f.at_ms)
 
     def _entity_command(self, kind: str, h: str, f: RefundFacts) -> Command:
-        base = self.keys.entity(kind, h)
-        return self._log_command(base, (f"{base}:bl",), f.entity_record, ENTITY_BUCKET_MS,
-                                 ENTITY_BUCKETS, ENTITY_CAP, f.at_ms)
+        return self._log_command(kind, h, (self.keys.blocklist(kind, h),), f.entity_record,
+                                 ENTITY_BUCKET_MS, ENTITY_BUCKETS, ENTITY_CAP, f.at_ms)
 
-    def _append_command(self, base: str, record: bytes, span_ms: int, buckets: int, cap: int,
-                        at_ms: int) -> Command:
-        return ("EVALSHA", LOG_SCRIPT.sha, 1, Keys.log(base, at_ms // span_ms), "a", record,
-                _bucket_ttl(at_ms, span_ms, buckets), cap)
+    def _append_command(self, kind: str, h: str, record: bytes, at_ms: int) -> Command:
+        """Append one record to the current bucket of an account, device or IP log."""
+        span, buckets, cap = ((ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS, ACCOUNT_CAP) if kind == "a"
+                              else (ENTITY_BUCKET_MS, ENTITY_BUCKETS, ENTITY_CAP))
+        return ("EVALSHA", LOG_SCRIPT.sha, 1, self.keys.log(kind, h, at_ms // span), "a", record,
+                _bucket_ttl(at_ms, span, buckets), cap)
 
-    def _merchant_command(self, f: RefundFacts, op: str = "r") -> Command:
-        base = self.keys.entity("m", f.merchant)
+    def _merchant_command(self, op: str, merchant: str, dedup: str, at_ms: int,
+                          counters: Sequence[int]) -> Command:
+        """Count a refund ('r', also reads the ring), an order ('o') or take a refund back
+        ('u') in a merchant's ring, once per ``dedup`` key."""
+        return ("EVALSHA", MERCHANT_SCRIPT.sha, 2, dedup, self.keys.ring(merchant), op,
+                self.replay_ttl_ms, MERCHANT_TTL_MS, *_ring_args(at_ms, counters))
+
+    def _merchant_refund_command(self, f: RefundFacts, op: str = "r") -> Command:
         count = [M_REFUNDS, M_HOURS + f.at_ms % DAY_MS // HOUR_MS]
         if f.flags & F_DIGITAL_QUICK:
             count.append(M_QUICK)
         if f.flags & F_BNPL:
             count.append(M_BNPL_REFUNDS)
-        return ("EVALSHA", MERCHANT_SCRIPT.sha, 2, f"{base}:q:{f.refund}", f"{base}:c", op,
-                self.replay_ttl_ms, MERCHANT_TTL_MS, *_ring_args(f.at_ms, count))
+        return self._merchant_command(op, f.merchant,
+                                      self.keys.merchant_refund(f.merchant, f.refund), f.at_ms,
+                                      count)
 
     async def record_and_read(self, f: RefundFacts, timeout_s: float) -> CheckVelocity:
         """Record one refund request and read every window, in one round trip.
@@ -485,7 +508,7 @@ class VelocityStore:
             named.append(("device", self._entity_command("d", f.device, f)))
         if f.ip:
             named.append(("ip", self._entity_command("i", f.ip, f)))
-        named.append(("merchant", self._merchant_command(f)))
+        named.append(("merchant", self._merchant_refund_command(f)))
         refund_key = ("SET", self.keys.refund(f.refund), f.marker, "NX", "GET", "PX",
                       self.replay_ttl_ms)
         replies = await self._guarded([refund_key, *(cmd for _, cmd in named)], timeout_s)
@@ -497,9 +520,9 @@ class VelocityStore:
             result.failed.append("account")  # no verdict on retries: decide as degraded
         elif previous is None:
             result.status = Status.COUNTED
-        elif previous[:_MARKER_LEN] == f.marker:
+        elif previous[:MARKER_LEN] == f.marker:
             result.status = Status.DUPLICATE
-            result.stored_reply = previous if len(previous) > _MARKER_LEN else None
+            result.stored_reply = previous[MARKER_LEN:] or None
         else:
             result.status = Status.CONFLICT
         for (source, _), reply in zip(named, replies[1:], strict=True):
@@ -527,34 +550,30 @@ class VelocityStore:
     async def undo(self, f: RefundFacts, sources: Sequence[str], timeout_s: float) -> None:
         """Take back a refund the scripts of ``sources`` counted under a reused refund id: a
         tombstone in each log, a decrement of the merchant's counters."""
+        rid = id32(f.refund)
         commands: list[Command] = []
         if "account" in sources:
-            tomb = ACCOUNT_RECORD.pack(TOMBSTONE, id32(f.refund), f.tag, f.at_ms, 0, 0, 0, 0, 0,
-                                       0, 0)
-            commands.append(self._append_command(self.keys.account(f.account), tomb,
-                                                 ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS,
-                                                 ACCOUNT_CAP, f.at_ms))
-        for kind, h, source in (("d", f.device, "device"), ("i", f.ip, "ip")):
-            if source in sources:
-                tomb = ENTITY_RECORD.pack(TOMBSTONE, id32(f.refund), f.tag, f.at_ms, 0)
-                commands.append(self._append_command(self.keys.entity(kind, h), tomb,
-                                                     ENTITY_BUCKET_MS, ENTITY_BUCKETS,
-                                                     ENTITY_CAP, f.at_ms))
+            tomb = ACCOUNT_RECORD.pack(TOMBSTONE, rid, f.tag, f.at_ms, 0, 0, 0, 0, 0, 0, 0)
+            commands.append(self._append_command("a", f.account, tomb, f.at_ms))
+        tomb = ENTITY_RECORD.pack(TOMBSTONE, rid, f.tag, f.at_ms, 0)
+        commands += [self._append_command(kind, h, tomb, f.at_ms)
+                     for kind, h, source in (("d", f.device, "device"), ("i", f.ip, "ip"))
+                     if source in sources]
         if "merchant" in sources:
-            commands.append(self._merchant_command(f, op="u"))
+            commands.append(self._merchant_refund_command(f, op="u"))
         if commands:
             await self._call_scripts(commands, timeout_s)
 
-    def store_reply(self, f: RefundFacts, payload: bytes) -> bool:
-        """Keep the answer for retries over the refund's key, fire and forget: it rides in the
-        next pipeline flush.
+    def store_reply(self, f: RefundFacts, response: bytes) -> bool:
+        """Keep a serialized answer for retries over the refund's key (after its marker, so a
+        retry still recognises its content), fire and forget: it rides in the next flush.
 
         Best effort: if it is lost, a retry finds its refund already counted and recomputes the
         same decision (same windows, same decision id), so nothing is counted twice.
         """
         try:
-            future = self.conn.send([("SET", self.keys.refund(f.refund), payload, "XX",
-                                      "KEEPTTL")], urgent=False)
+            future = self.conn.send([("SET", self.keys.refund(f.refund), f.marker + response,
+                                      "XX", "KEEPTTL")], urgent=False)
         except RedisError:
             return False
         future.add_done_callback(_consume)
@@ -580,8 +599,7 @@ class VelocityStore:
         """The account's command first (its reply is the event's status), then the others."""
         k, h = self.keys, self.hash
         eid, account = h("e", ev.event_id), h("a", ev.account_id)
-        base = k.account(account)
-        log = Keys.log(base, now // ACCOUNT_BUCKET_MS)
+        log = k.log("a", account, now // ACCOUNT_BUCKET_MS)
         log_ttl, cap = _bucket_ttl(now, ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS), ACCOUNT_CAP
         others: list[Command] = []
         if ev.type == pb.EVENT_TYPE_ORDER_PLACED:
@@ -594,25 +612,21 @@ class VelocityStore:
                                          id32(device))
             count = [M_ORDERS] + ([M_BNPL_ORDERS] if ev.payment_method == pb.PAYMENT_METHOD_BNPL
                                   else [])
-            mbase = k.entity("m", merchant)
-            others.append(("EVALSHA", MERCHANT_SCRIPT.sha, 2, f"{mbase}:e:{eid}", f"{mbase}:c",
-                           "o", self.replay_ttl_ms, MERCHANT_TTL_MS, *_ring_args(now, count)))
+            others.append(self._merchant_command("o", merchant, k.event("m", merchant, eid),
+                                                 now, count))
             seen = ENTITY_RECORD.pack(SEEN, 0, 0, now, id32(account))
-            for kind, eh in (("d", device), ("i", ip)):
-                if eh:
-                    others.append(self._append_command(k.entity(kind, eh), seen,
-                                                       ENTITY_BUCKET_MS, ENTITY_BUCKETS,
-                                                       ENTITY_CAP, now))
+            others.extend(self._append_command(kind, eh, seen, now)
+                          for kind, eh in (("d", device), ("i", ip)) if eh)
         elif ev.type == pb.EVENT_TYPE_ORDER_DELIVERED:
             record = ACCOUNT_RECORD.pack(DELIVERED, id32(eid), 0, now, 0, 0, 0,
                                          id32(h("o", ev.order_id)), 0, 0, 0)
         elif ev.outcome in BAD_OUTCOMES:
-            record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), f"{base}:x", ABUSE_TTL_MS,
+            record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), k.abuse(account), ABUSE_TTL_MS,
                                          ABUSE_CAP)
         else:
             record = b""  # other outcomes only take their event id
-        return [("EVALSHA", LOG_SCRIPT.sha, 2, f"{base}:e:{eid}", log, "e", self.replay_ttl_ms,
-                 record, log_ttl, cap), *others]
+        return [("EVALSHA", LOG_SCRIPT.sha, 2, k.event("a", account, eid), log, "e",
+                 self.replay_ttl_ms, record, log_ttl, cap), *others]
 
     async def _guarded(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
         """Call through the circuit breaker: refused at once while it is open."""

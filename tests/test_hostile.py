@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from gate.devredis import RedisProcess, start_redis
 from gate.settings import DEV_ID_KEY
-from gate.velocity import FP_LEN, REPLY_MAGIC, IdHasher, Keys
+from gate.velocity import MARKER_LEN, IdHasher, Keys
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 from tests.conftest import make_request
@@ -46,7 +46,6 @@ FIELDS = {
 TIMESTAMPS = ("order_created_at", "account_created_at", "requested_at")
 _unique = itertools.count()
 _keys = Keys("rg")
-MARKER_LEN = len(REPLY_MAGIC) + FP_LEN
 _hash = IdHasher(DEV_ID_KEY)
 
 

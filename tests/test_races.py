@@ -49,15 +49,15 @@ _hash = IdHasher(DEV_ID_KEY)
 _keys = Keys("rg")
 
 
-def logged(client: redis.Redis, base: str, record: struct.Struct, kind: int) -> int:
+def logged(client: redis.Redis, entity: str, h: str, record: struct.Struct, kind: int) -> int:
     """Records of one kind in every log bucket of an account, device or IP, read raw."""
-    raw = [client.get(key) for key in client.keys(f"{base}:L*")]
+    raw = [client.get(key) for key in client.keys(_keys.log(entity, h, "*"))]
     return sum(r[0] == kind for value in raw if value for r in record.iter_unpack(value))
 
 
 def merchant_count(client: redis.Redis, merchant: str, counter: int) -> int:
     """One counter summed over the merchant's days in the ring, read raw."""
-    ring = client.get(f"{_keys.entity('m', _hash('m', merchant))}:c")
+    ring = client.get(_keys.ring(_hash("m", merchant)))
     return sum(day[counter] for day in merchant_days(ring, int(NOW * 1000) // DAY_MS))
 
 
@@ -158,12 +158,11 @@ async def test_checks_count_each_refund_once_through_flaps(rig: tuple) -> None:
         expected["i"][req.ip] += 1
         expected["m"][req.merchant_id] += 1
     for account, n in expected["a"].items():
-        base = _keys.account(_hash("a", account))
-        assert logged(client, base, ACCOUNT_RECORD, REFUND) == n, account
+        assert logged(client, "a", _hash("a", account), ACCOUNT_RECORD, REFUND) == n, account
     for kind in ("d", "i"):
         for entity, n in expected[kind].items():
-            base = _keys.entity(kind, _hash(kind, entity))
-            assert logged(client, base, ENTITY_RECORD, REFUND) == n, entity
+            h = _hash(kind, entity)
+            assert logged(client, kind, h, ENTITY_RECORD, REFUND) == n, entity
     for merchant, n in expected["m"].items():
         assert merchant_count(client, merchant, M_REFUNDS) == n, merchant
 
@@ -213,8 +212,7 @@ async def test_events_count_each_event_id_once_through_flaps(rig: tuple) -> None
     client = redis.client()
     per_account: Counter[str] = Counter(order_event(i).account_id for i in range(EVENTS))
     for account, n in per_account.items():
-        base = _keys.account(_hash("a", account))
-        assert logged(client, base, ACCOUNT_RECORD, ORDER) == n, account
+        assert logged(client, "a", _hash("a", account), ACCOUNT_RECORD, ORDER) == n, account
     per_merchant: Counter[str] = Counter(order_event(i).merchant_id for i in range(EVENTS))
     for merchant, n in per_merchant.items():
         assert merchant_count(client, merchant, M_ORDERS) == n, merchant
