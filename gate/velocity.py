@@ -19,11 +19,13 @@ Layout (every key of one script shares one hash tag, so it works unchanged on Re
 raw identifier; records hold 32-bit prefixes of those hashes. Every key has a TTL; every log is
 capped per bucket (a full bucket keeps its newest half).
 
-Redis's Lua interpreter is the cost to beat (docs/BENCHMARKS.md §6), so the scripts only run a
-few native commands on names, records and TTLs computed here, and return raw logs and counters:
-the windows are computed here. Logs are exact below their caps; merchant windows are sliding
-estimates from day counters. A Check sends one pipeline: the refund key's SET NX GET, then one
-EVALSHA per entity (account, device, IP, merchant). Logs carry each refund's id, so a retry,
+Redis's Lua machinery is the cost to beat (docs/BENCHMARKS.md §6): every key, argument and reply
+value that crosses into a script, and every ``redis.call``. So the scripts only write (a few
+native commands on names, records and TTLs computed here), and the logs and counters are read
+with plain MGET/GET beside them and turned into windows here. Logs are exact below their caps;
+merchant windows are sliding estimates from day counters. A Check sends one pipeline: the refund
+key's SET NX GET; for the account, device and IP an MGET of the entity's keys then its script;
+for the merchant its script then a GET of its ring. Logs carry each refund's id, so a retry,
 even one racing its original, is counted once when they are read.
 """
 
@@ -455,24 +457,26 @@ class VelocityStore:
             fingerprint=fingerprint(req),
         )
 
-    def _log_command(self, kind: str, h: str, head: Sequence[str], record: bytes,
-                     span_ms: int, buckets: int, cap: int, at_ms: int) -> Command:
-        """Read an entity's ``head`` keys and log buckets; append ``record`` to the current one
-        unless its refund is already there."""
+    def _log_commands(self, kind: str, h: str, head: Sequence[str], record: bytes,
+                      span_ms: int, buckets: int, cap: int, at_ms: int) -> tuple[Command, Command]:
+        """Read an entity's ``head`` keys and log buckets (current first), then append
+        ``record`` to the current bucket unless its refund is already there."""
         bucket = at_ms // span_ms
         logs = [self.keys.log(kind, h, b) for b in range(bucket, bucket - buckets, -1)]
-        return ("EVALSHA", LOG_SCRIPT.sha, len(head) + buckets, *head, *logs, "r",
-                len(head) + 1, record, _bucket_ttl(at_ms, span_ms, buckets), cap, record[:5])
+        return (("MGET", *head, *logs),
+                ("EVALSHA", LOG_SCRIPT.sha, 1, logs[0], "r", record,
+                 _bucket_ttl(at_ms, span_ms, buckets), cap))
 
-    def _account_command(self, f: RefundFacts) -> Command:
+    def _account_commands(self, f: RefundFacts) -> tuple[Command, Command]:
         k = self.keys
-        return self._log_command("a", f.account, (k.blocklist("a", f.account), k.abuse(f.account)),
-                                 f.account_record, ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS,
-                                 ACCOUNT_CAP, f.at_ms)
+        return self._log_commands("a", f.account,
+                                  (k.blocklist("a", f.account), k.abuse(f.account)),
+                                  f.account_record, ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS,
+                                  ACCOUNT_CAP, f.at_ms)
 
-    def _entity_command(self, kind: str, h: str, f: RefundFacts) -> Command:
-        return self._log_command(kind, h, (self.keys.blocklist(kind, h),), f.entity_record,
-                                 ENTITY_BUCKET_MS, ENTITY_BUCKETS, ENTITY_CAP, f.at_ms)
+    def _entity_commands(self, kind: str, h: str, f: RefundFacts) -> tuple[Command, Command]:
+        return self._log_commands(kind, h, (self.keys.blocklist(kind, h),), f.entity_record,
+                                  ENTITY_BUCKET_MS, ENTITY_BUCKETS, ENTITY_CAP, f.at_ms)
 
     def _append_command(self, kind: str, h: str, record: bytes, at_ms: int) -> Command:
         """Append one record to the current bucket of an account, device or IP log."""
@@ -483,12 +487,12 @@ class VelocityStore:
 
     def _merchant_command(self, op: str, merchant: str, dedup: str, at_ms: int,
                           counters: Sequence[int]) -> Command:
-        """Count a refund ('r', also reads the ring), an order ('o') or take a refund back
-        ('u') in a merchant's ring, once per ``dedup`` key."""
+        """Count a refund or an order ('c') or take a refund back ('u') in a merchant's ring,
+        once per ``dedup`` key."""
         return ("EVALSHA", MERCHANT_SCRIPT.sha, 2, dedup, self.keys.ring(merchant), op,
                 self.replay_ttl_ms, MERCHANT_TTL_MS, *_ring_args(at_ms, counters))
 
-    def _merchant_refund_command(self, f: RefundFacts, op: str = "r") -> Command:
+    def _merchant_refund_command(self, f: RefundFacts, op: str = "c") -> Command:
         count = [M_REFUNDS, M_HOURS + f.at_ms % DAY_MS // HOUR_MS]
         if f.flags & F_DIGITAL_QUICK:
             count.append(M_QUICK)
@@ -503,15 +507,18 @@ class VelocityStore:
 
         Raises RedisError (timeout, connection down) when nothing usable came back.
         """
-        named: list[tuple[Source, Command]] = [("account", self._account_command(f))]
+        named: list[tuple[Source, tuple[Command, Command]]] = [
+            ("account", self._account_commands(f))]
         if f.device:
-            named.append(("device", self._entity_command("d", f.device, f)))
+            named.append(("device", self._entity_commands("d", f.device, f)))
         if f.ip:
-            named.append(("ip", self._entity_command("i", f.ip, f)))
-        named.append(("merchant", self._merchant_refund_command(f)))
+            named.append(("ip", self._entity_commands("i", f.ip, f)))
+        named.append(("merchant", (self._merchant_refund_command(f),
+                                   ("GET", self.keys.ring(f.merchant)))))
         refund_key = ("SET", self.keys.refund(f.refund), f.marker, "NX", "GET", "PX",
                       self.replay_ttl_ms)
-        replies = await self._guarded([refund_key, *(cmd for _, cmd in named)], timeout_s)
+        replies = await self._guarded(
+            [refund_key, *(cmd for _, pair in named for cmd in pair)], timeout_s)
         result = CheckVelocity(stored_reply=None, status=None,
                                counters={"account": None, "device": None, "ip": None,
                                          "merchant": None})
@@ -525,22 +532,24 @@ class VelocityStore:
             result.stored_reply = previous[MARKER_LEN:] or None
         else:
             result.status = Status.CONFLICT
-        for (source, _), reply in zip(named, replies[1:], strict=True):
-            if not isinstance(reply, list):
+        for i, (source, _) in enumerate(named):
+            first, second = replies[1 + 2 * i], replies[2 + 2 * i]
+            if isinstance(first, hiredis.ReplyError) or isinstance(second, hiredis.ReplyError):
                 if source not in result.failed:
                     result.failed.append(source)
                 continue
-            if source == "merchant":
-                new = reply[0] == Status.COUNTED
-                counters = merchant_windows(f.at_ms, reply[1])
-            elif source == "account":
-                counters, new = account_windows(f, reply[2:], reply[1])
-            else:
-                counters, new = entity_windows(f, reply[1:])
+            if source == "merchant":  # the script's verdict, then the ring
+                new = first == Status.COUNTED
+                counters = merchant_windows(f.at_ms, second)
+            else:  # the keys read before the script ran, then its verdict
+                if source == "account":
+                    counters, new = account_windows(f, first[2:], first[1])
+                else:
+                    counters, new = entity_windows(f, first[1:])
+                if first[0] is not None:
+                    result.blocked.append(source)
             if new:
                 result.counted.append(source)
-            if source != "merchant" and reply[0] is not None:
-                result.blocked.append(source)
             if source != "account" or result.status in (Status.COUNTED, Status.DUPLICATE):
                 result.counters[source] = counters
         if result.failed and self.breaker is not None:
@@ -591,9 +600,9 @@ class VelocityStore:
             commands.extend(self._event_commands(ev, int(at_s * 1000)))
         replies = await self._guarded(commands, timeout_s)
         for reply in replies:
-            if not isinstance(reply, list):
+            if isinstance(reply, hiredis.ReplyError):
                 raise RedisReplyError(f"event script failed: {reply}")
-        return [Status(replies[i][0]) for i in primary]
+        return [Status(replies[i]) for i in primary]
 
     def _event_commands(self, ev: pb.Event, now: int) -> list[Command]:
         """The account's command first (its reply is the event's status), then the others."""
@@ -612,7 +621,7 @@ class VelocityStore:
                                          id32(device))
             count = [M_ORDERS] + ([M_BNPL_ORDERS] if ev.payment_method == pb.PAYMENT_METHOD_BNPL
                                   else [])
-            others.append(self._merchant_command("o", merchant, k.event("m", merchant, eid),
+            others.append(self._merchant_command("c", merchant, k.event("m", merchant, eid),
                                                  now, count))
             seen = ENTITY_RECORD.pack(SEEN, 0, 0, now, id32(account))
             others.extend(self._append_command(kind, eh, seen, now)
@@ -645,18 +654,25 @@ class VelocityStore:
 
     async def _call_scripts(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
         """Send a batch; if Redis lost the scripts (restart, SCRIPT FLUSH) load them and resend
-        the commands that failed for it (not the others: the refund key's SET NX must not run
-        twice). Resending a script is safe: each is idempotent for the same refund or event.
+        the commands that failed for it, and the reads after the first of them (a read after a
+        script must see its write), but no other write: the refund key's SET NX must not run
+        twice. Resending a script is safe: each is idempotent for the same refund or event.
         """
         replies = await self.conn.call(commands, timeout_s)
         lost = [i for i, r in enumerate(replies)
                 if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
         if lost:
+            lost += [i for i in range(lost[0] + 1, len(commands))
+                     if commands[i][0] in _READS and i not in lost]
+            lost.sort()
             again = await self.conn.call([*LOAD_SCRIPTS, *(commands[i] for i in lost)],
                                          timeout_s)
             for i, reply in zip(lost, again[len(LOAD_SCRIPTS):], strict=True):
                 replies[i] = reply
         return replies
+
+
+_READS = frozenset({"GET", "MGET"})
 
 
 def _bucket_ttl(at_ms: int, span_ms: int, buckets: int) -> int:

@@ -63,7 +63,9 @@ async def test_one_round_trip_per_check(store: VelocityStore, monkeypatch: pytes
 
     monkeypatch.setattr(store.conn, "call", counting_call)
     await store.record_and_read(facts(store), 2.0)
-    assert batches == [5]  # the refund key, then the account, device, IP, merchant scripts
+    # the refund key; an MGET and a script each for the account, device and IP; the merchant's
+    # script and ring
+    assert batches == [9]
 
 
 async def test_windows_slide_with_request_time(store: VelocityStore) -> None:

@@ -1,15 +1,15 @@
 -- Merchant: daily counters in one ring string, 9 day slots of u32 (the slot's day number, then
 -- refunds, quick digital refunds, BNPL refunds, orders, BNPL orders, refunds in each hour),
--- incremented with one BITFIELD and returned raw. gate/velocity.py lays out the ring, names the
--- counters and turns them into sliding-window estimates; on the hot path only native commands
--- run here. Merchants are busy: their counts are bucketed, never logged.
+-- incremented with one BITFIELD. gate/velocity.py lays out the ring, names the counters, reads
+-- the ring with a plain GET in the same pipeline and turns it into sliding-window estimates; on
+-- the hot path only native commands run here. Merchants are busy: their counts are bucketed,
+-- never logged.
 --
 -- KEYS  1 the refund's (or order event's) dedup key  2 the ring
 -- ARGV  1 op  2 dedup TTL (ms)  3 ring TTL (ms)  4 today's day number  5 '#<i>' of today's
 --       slot's day field  6 byte offset of today's slot  7.. '#<i>' of the counters to add 1 to
--- op 'r' (a refund request) -> {0 counted now | 1 already counted, the ring}
--- op 'o' (an order event)   -> {0 | 1}
--- op 'u' (take back a refund counted under a reused refund id) -> {1 if it had been counted}
+-- op 'c' (count a refund request or an order event) -> 0 counted now | 1 already counted
+-- op 'u' (take back a refund counted under a reused refund id) -> 1 if it had been counted, else 0
 -- The increments happen only if the dedup key was new. The first of a day finds the slot
 -- holding an earlier day (or nothing): it clears the slot, writes the day, increments again and
 -- renews the ring's TTL, once a day per merchant. A slot holding a later day means the event is
@@ -27,9 +27,9 @@ local function bitfield(first, by)
 end
 
 if op == 'u' then
-  if redis.call('DEL', KEYS[1]) == 0 then return {0} end
+  if redis.call('DEL', KEYS[1]) == 0 then return 0 end
   bitfield(false, '-1')
-  return {1}
+  return 1
 end
 local status = 1
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then
@@ -43,5 +43,4 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
   end
 end
-if op == 'o' then return {status} end
-return {status, redis.call('GET', KEYS[2])}
+return status
