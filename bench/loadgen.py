@@ -1052,6 +1052,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{step['latency_ms']['p99.9']} ms, versions {step['model_versions']}, "
                 f"errors {step['errors']}",
             )
+        # The phase's cost per call covers the steps where every call is served: in the
+        # overload step most calls are refused before any Redis work and would dilute it.
+        served_end, served_sent = probe.snapshot(load.completed), load.sent
         if args.overload_factor > 0 and "max" in out:
             load.expected = frozenset({"RESOURCE_EXHAUSTED"})
             try:
@@ -1071,7 +1074,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{step['achieved_rps']}/s p50 {step['latency_ms']['p50']} p99 "
                 f"{step['latency_ms']['p99']} ms, errors {step['errors']}, dropped {step['dropped']}",
             )
-        phase_end = probe.snapshot(load.completed)
         out["phase"] = {
             "sent": load.sent,
             "completed": load.completed,
@@ -1079,7 +1081,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "decisions": dict(load.decisions),
             "degraded": load.degraded,
             "replayed": load.replayed,
-            "cost": cost(phase_start, phase_end, load.sent),
+            "cost": cost(phase_start, served_end, served_sent),
         }
         if args.script_breakdown and probe.redis is not None:
             out["redis_scripts"] = await script_breakdown(load, 8, 2.0)

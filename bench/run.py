@@ -688,6 +688,34 @@ def run_scoring(model_dir: Path, out_dir: Path, timeout_s: float) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------
+# Redis cost of the velocity round trip alone (bench/redis_cost.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_redis_cost(out_dir: Path, checks: int, timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m bench.redis_cost`` once the servers are stopped.
+
+    In the Check phase redis-server shares the 2 CPUs with the gate's workers and the load
+    generator: commandstats time is wall time, so every preemption and every cache the others
+    evict lands in it. Driving the same round trips from one process, with nothing else
+    running, gives the cost a Redis of its own would see; both figures are reported.
+    """
+    out = out_dir / "redis-cost.json"
+    argv = [PYTHON, "-m", "bench.redis_cost", "--checks", str(checks),
+            "--warmup", str(max(checks // 2, 1)), "--out", str(out)]
+    try:
+        done = subprocess.run(argv, cwd=ROOT, timeout=timeout_s, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        log(f"bench.redis_cost timed out after {timeout_s} s")
+        return {"status": f"timed out after {timeout_s} s"}
+    if done.returncode == 0 and out.exists():
+        return {"status": "ok", "result": json.loads(out.read_text())}
+    log(f"bench.redis_cost failed: exit {done.returncode}: {done.stderr.strip()[-400:]}")
+    return {"status": "failed", "error": done.stderr.strip()[-400:]}
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -783,13 +811,13 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(c['server_cpu_us_per_call_half_load']):>23}",
             f"{'client CPU us/call at max':34}{_fmt(e['client_cpu_us_per_call_at_max']):>23}"
             f"{_fmt(c['client_cpu_us_per_call_at_max']):>23}",
-            f"{'Redis us/Check EVALSHA+GET+SET':34}{'':>23}"
+            f"{'Redis us/Check EVALSHA+MGET+GET+SET':34}{'':>23}"
             f"{_fmt(c['redis_us_per_check'], '.1f'):>23}   {'':>11}  <= 60 target "
             f"{'ok' if g['redis_us_per_check<=60_target'] else 'MISSED'}, <= 40 goal "
             f"{'ok' if g['redis_us_per_check<=40_goal'] else 'MISSED'}",
             f"{'  + decision log XADD':34}{'':>23}"
             f"{_fmt(c['redis_us_per_check_with_decision_log'], '.1f'):>23}",
-            f"{'  at c=' + str(light['concurrency']) + ' only (least contention)':34}{'':>23}"
+            f"{'  at c=' + str(light['concurrency']) + ' only (one Check at a time)':34}{'':>23}"
             f"{_fmt(light['us_per_check'], '.1f'):>23}",
             f"{'  commands / EVALSHA per Check':34}{'':>23}{cmds:>23}",
             f"{'  us per EVALSHA':34}{'':>23}{_fmt(c['redis_evalsha_us_per_call'], '.1f'):>23}",
@@ -843,6 +871,20 @@ def render(report: dict[str, Any]) -> str:
             "",
             f"highest Check/echo throughput ratio: {best['workers']} worker(s) "
             f"({best['throughput_ratio_check_to_echo']})",
+        ]
+    alone = report.get("redis_alone", {})
+    lines += ["", f"Redis, velocity round trips alone (bench.redis_cost): {alone.get('status')}"]
+    if alone.get("status") == "ok":
+        res = alone["result"]
+        us = res.get("redis_us_per_check")
+        target, goal = GOALS["redis_us_per_check_target"], GOALS["redis_us_per_check_goal"]
+        lines += [
+            f"  {res.get('checks')} Checks from one process, 32 in flight, nothing else running",
+            f"  us/Check EVALSHA+MGET+GET+SET {_fmt(us, '.1f'):>8}   <= {target:.0f} target "
+            f"{'ok' if us is not None and us <= target else 'MISSED'}, <= {goal:.0f} goal "
+            f"{'ok' if us is not None and us <= goal else 'MISSED'}",
+            f"  redis-server CPU us per Check  {_fmt(res.get('redis_process_cpu_us_per_check'), '.1f'):>8}",
+            f"  us per EVALSHA                 {_fmt(res.get('us_per_evalsha'), '.2f'):>8}",
         ]
     scoring = report.get("scoring", {})
     lines += ["", f"scoring micro-benchmark: {scoring.get('status')}"]
@@ -939,6 +981,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sample the gate with py-spy during the Check phase (costs some CPU)",
     )
+    p.add_argument(
+        "--redis-cost-checks",
+        type=int,
+        default=20_000,
+        help="Checks of the velocity round trip alone (bench.redis_cost) once the servers are "
+        "stopped; 0 skips it",
+    )
     return p
 
 
@@ -977,6 +1026,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for workers in workers_list:
                 configs.append(bench_config(workers, args, redis, model_dir, out_dir))
             scoring = run_scoring(model_dir, out_dir, args.scoring_timeout)
+            redis_alone = (run_redis_cost(out_dir, args.redis_cost_checks, args.scoring_timeout)
+                           if args.redis_cost_checks > 0 else {"status": "skipped"})
             redis_version = redis.client().info("server").get("redis_version")
     except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
         print(f"\nFAILED: the benchmark could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -999,6 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summaries": summaries,
         "configs": configs,
         "scoring": scoring,
+        "redis_alone": redis_alone,
         "goals": GOALS,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from gate.redisclient import RedisConnection, RedisError
 
@@ -49,12 +49,13 @@ class DecisionRecord:
     shadow: tuple[str, float, str] | None = None  # version, score, would-be decision
 
     def to_json(self) -> str:
-        """Compact JSON; NaN features as null."""
+        """Compact JSON; NaN features as null (orjson's own rule for NaN: this runs for every
+        decision, and orjson does it ~10x faster than ``json``)."""
         body: dict[str, Any] = {
             "decision_id": self.decision_id, "at": self.at, "refund": self.refund,
             "account": self.account, "merchant": self.merchant, "order": self.order,
             "device": self.device or None, "ip": self.ip or None,
-            "features": [None if math.isnan(v) else v for v in self.features],
+            "features": list(self.features),
             "score": self.score, "model_version": self.model_version, "decision": self.decision,
             "reasons": list(self.reasons), "degraded": self.degraded,
             "latency_ms": round(self.latency_ms, 3),
@@ -62,7 +63,7 @@ class DecisionRecord:
         if self.shadow is not None:
             body["shadow"] = {"model_version": self.shadow[0], "score": self.shadow[1],
                               "decision": self.shadow[2]}
-        return json.dumps(body, separators=(",", ":"))
+        return orjson.dumps(body).decode()
 
 
 class DecisionLog:
