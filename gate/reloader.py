@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -64,6 +65,23 @@ def bundle_signature(path: Path) -> Signature | None:
     except OSError:
         return None
     return str(real), stats
+
+
+async def _load_in_thread(path: Path) -> Bundle:
+    """``load_bundle`` in a worker thread, with as little pause for the serving loop as it can.
+
+    The loader gives the GIL up between trees (gate/treemodel.py ``yield_gil``), but a parse
+    makes a few hundred thousand objects, and a collection the cyclic GC starts in the loader's
+    thread holds the GIL for tens of ms over them. So the collector is paused for the load, and
+    what it made, long-lived like the start-up objects, is frozen out of later collections too
+    (refcounting still frees a bundle once it is no longer kept).
+    """
+    gc.disable()
+    try:
+        return await asyncio.to_thread(load_bundle, path)
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 class ModelWatcher:
@@ -141,7 +159,7 @@ class ModelWatcher:
             bundle = self._loaded.get(signature)
             if bundle is None:
                 try:
-                    bundle = await asyncio.to_thread(load_bundle, path)
+                    bundle = await _load_in_thread(path)
                 except BundleError as exc:
                     self._refuse(path, exc)
                     continue

@@ -20,6 +20,7 @@ nothing for it.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import logging
@@ -40,7 +41,7 @@ from lightgbm.basic import (
     _safe_call,
 )
 
-from gate.treemodel import ZERO_THRESHOLD, ModelFormatError, TreeModel, parse_model
+from gate.treemodel import ZERO_THRESHOLD, ModelFormatError, TreeModel, parse_model, yield_gil
 
 __all__ = ["ENGINE_COMPILED", "ENGINE_LIGHTGBM", "Model", "ModelFormatError", "load_model"]
 
@@ -119,6 +120,17 @@ class Model:
         self._leaf_offsets, self._saabas_table, self._bias = _saabas_table(tree_model)
         self._num_leaves = np.array([t.num_leaves for t in tree_model.trees], dtype=np.int64)
         self._fallback_reason = fallback_reason
+
+    def portable(self) -> Model:
+        """This model on LightGBM's engine (the portable fallback), sharing the parsed trees,
+        the booster and the attribution table instead of loading them again: a bundle
+        verifies both engines, and loading costs the serving process CPU and GIL."""
+        if self._engine.name == "lightgbm":
+            return self
+        model = copy.copy(self)
+        model._engine = _LightGBMEngine(self._booster, self._num_features, self.num_trees)
+        model._local = threading.local()
+        return model
 
     @property
     def engine(self) -> str:
@@ -391,6 +403,7 @@ def _saabas_table(tree_model: TreeModel) -> tuple[np.ndarray, np.ndarray, float]
     cols: list[int] = []
     deltas: list[float] = []
     for tree, offset in zip(trees, offsets.tolist(), strict=True):
+        yield_gil()
         if tree.num_leaves == 1:
             continue
         # (node, path so far as (feature, delta) pairs)
@@ -443,7 +456,10 @@ def _self_check(engine: _CompiledEngine, tree_model: TreeModel, booster: lightgb
     expected = booster.predict(probes)
     expected_leaves = np.asarray(booster.predict(probes, pred_leaf=True)).reshape(len(probes), -1)
     state = engine.new_state()
-    for row, want, want_leaves in zip(probes, expected, expected_leaves, strict=True):
+    for i, (row, want, want_leaves) in enumerate(zip(probes, expected, expected_leaves,
+                                                     strict=True)):
+        if i % 8 == 0:
+            yield_gil()
         state.row[:] = row.tolist()
         got = engine.probability(state)
         if not abs(got - want) <= _SELF_CHECK_TOLERANCE or not np.array_equal(

@@ -15,6 +15,8 @@ sparse zeros). See `Tree` for the decision_type bits.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,22 @@ class TreeModel:
         return self.max_feature_idx + 1
 
 
+_PAUSE_S = 0.0001
+
+
+def yield_gil() -> None:
+    """Off the main thread, give the GIL to other threads for a moment; on it, do nothing.
+
+    The gate loads model bundles in a worker thread while its event loop serves on the main
+    thread. CPython hands the GIL over only every 5 ms (``sys.getswitchinterval()``), so parsing
+    a few hundred trees would take turns with the loop and halve what it serves for ~100 ms:
+    long enough for a backlog to build and admission control to shed calls. A short sleep per
+    tree lets the loop run whenever it has work. Training and tools run on the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        time.sleep(_PAUSE_S)
+
+
 def load_tree_model(path: Path) -> TreeModel:
     """Read and parse a ``model.txt`` file (see `parse_model`)."""
     return parse_model(path.read_bytes())
@@ -141,6 +159,7 @@ def parse_model(text: str | bytes) -> TreeModel:
         raise ModelFormatError("model has no trees")
     trees = []
     for expected_index, (index, fields) in enumerate(tree_blocks):
+        yield_gil()
         where = f"Tree={index}"
         if index != expected_index:
             raise ModelFormatError(f"{where}: expected Tree={expected_index} (trees out of order)")
