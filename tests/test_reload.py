@@ -4,6 +4,7 @@ shadow scoring, and 20 reloads under load without a failed call."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import pytest_asyncio
 import redis
 
 from gate import reloader
+from gate.bundle import BundleError
 from gate.devredis import RedisProcess
 from gate.features import FEATURE_NAMES
 from gate.reloader import ModelHolder, ModelWatcher
@@ -230,3 +232,12 @@ async def test_twenty_reloads_under_load_fail_no_call_and_mix_no_models(
     for entry in entries:  # each decision was scored entirely by the model it names
         row = [math.nan if v is None else v for v in entry["features"]]
         assert entry["score"] == models[entry["model_version"]].score(row)
+
+
+async def test_the_collector_runs_again_after_a_load_loaded_or_refused(tmp_path: Path,
+                                                                       bundle_dir: Path) -> None:
+    assert (await reloader._load_in_thread(bundle_dir)).version
+    assert gc.isenabled()
+    with pytest.raises(BundleError):
+        await reloader._load_in_thread(tmp_path / "nothing here")
+    assert gc.isenabled()

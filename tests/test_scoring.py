@@ -212,6 +212,20 @@ def test_engines_equal_booster_on_data_rows(trained: Trained, engine: str) -> No
     np.testing.assert_allclose(model.predict_many(X), expected, rtol=0, atol=TOLERANCE)
 
 
+def test_portable_twin_scores_on_lightgbm_and_shares_what_was_loaded(trained: Trained) -> None:
+    model = _load(trained, ENGINE_COMPILED)
+    twin = model.portable()
+    assert twin.engine == ENGINE_LIGHTGBM and model.engine == ENGINE_COMPILED
+    X = trained.X[:200]
+    expected = trained.booster.predict(X)
+    for row, want in zip(X.tolist(), expected, strict=True):
+        assert abs(twin.score(row) - want) <= TOLERANCE
+        np.testing.assert_array_equal(twin.contributions(twin.last_leaves()),
+                                      model.contributions(model.score_with_leaves(row)[1]))
+    assert twin._saabas_table is model._saabas_table  # one table, not a second load
+    assert twin.portable() is twin
+
+
 def _saabas_reference(booster: lgb.Booster, leaves: np.ndarray, num_features: int) -> np.ndarray:
     """Saabas attribution straight from LightGBM's own JSON dump of the trees."""
 
