@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gate.server import fork_workers
+from gate.server import fork_workers, run_loop
+from gate.settings import EVENT_LOOPS, Settings
 from refundgate.v1 import refund_gate_pb2 as pb
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
@@ -84,23 +85,25 @@ async def run_server(listen: str, *, reuse_port: bool) -> None:
     await server.stop(1.0)
 
 
-def serve(listen: str, workers: int) -> int:
-    """Run one server, or fork ``workers`` processes sharing the port (as the gate does)."""
+def serve(listen: str, workers: int, event_loop: str) -> int:
+    """Run one server, or fork ``workers`` processes sharing the port, on the event loop the
+    gate uses (as the gate does)."""
     if workers == 1:
-        asyncio.run(run_server(listen, reuse_port=False))
+        run_loop(event_loop, run_server(listen, reuse_port=False))
         return 0
-    return fork_workers(workers, lambda _: asyncio.run(run_server(listen, reuse_port=True)))
+    return fork_workers(workers, lambda _: run_loop(event_loop, run_server(listen, reuse_port=True)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``--listen HOST:PORT --workers N``."""
+    """Command line: ``--listen HOST:PORT --workers N --event-loop uvloop|asyncio``."""
     parser = argparse.ArgumentParser(prog="bench.echo", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:50061")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=Settings().event_loop)
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    sys.exit(serve(args.listen, args.workers))
+    sys.exit(serve(args.listen, args.workers, args.event_loop))
 
 
 if __name__ == "__main__":

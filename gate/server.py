@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,15 +315,31 @@ def serve(settings: Settings, watcher: ModelWatcher) -> None:
     The watcher has loaded the models already; each worker then watches the directory itself.
     """
     if settings.workers == 1:
-        asyncio.run(_run(settings, watcher, reuse_port=False))
+        run_loop(settings.event_loop, _run(settings, watcher, reuse_port=False))
         return
     _check_port_free(settings.listen)
 
     def worker(i: int) -> None:
         setup_logging(settings.log_level)  # the parent's log writer thread did not fork
-        asyncio.run(_run(settings, watcher, reuse_port=True, worker=i))
+        run_loop(settings.event_loop, _run(settings, watcher, reuse_port=True, worker=i))
 
     sys.exit(fork_workers(settings.workers, worker))
+
+
+def run_loop(kind: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to completion on a new event loop of ``kind`` ('uvloop' or 'asyncio').
+
+    Every worker serves on one loop in one thread: a loop whose machinery runs in C (uvloop,
+    libuv) spends less of the worker's CPU between the gate's own steps than asyncio's, which is
+    Python: every Check waits on Redis once, so it pays for several loop iterations.
+    """
+    if kind == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+    else:
+        asyncio.run(main)
 
 
 def fork_workers(count: int, run: Callable[[int], None]) -> int:

@@ -37,6 +37,26 @@ def test_check_one_liner_prints_a_decision(served: str) -> None:
     assert resp["model_version"] == "test-model-1"
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_gate_serves_on_either_event_loop(redis_proc: RedisProcess, bundle_dir: Path,
+                                              rdb: object, loop: str) -> None:
+    gate = start_gate_process(redis_proc.url, bundle_dir, "--event-loop", loop)
+    try:
+        out = run_cli("check", "--target", gate.target, "--account-id", "acct:2",
+                      "--order-id", "ord:2", "--merchant-id", "m:2", "--amount", "999")
+    finally:
+        lines = gate.stop()
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["model_version"] == "test-model-1"
+    [settings] = [line for line in lines if line["message"] == "settings"]
+    assert settings["settings"]["event_loop"] == loop
+
+
+def test_an_unknown_event_loop_is_refused_at_start() -> None:
+    out = run_cli("serve", "--event-loop", "tokio")
+    assert out.returncode != 0 and "event_loop" in out.stderr
+
+
 def test_check_from_json_reports_bad_fields(served: str) -> None:
     body = json.dumps({"refund_id": "rf:1", "account_id": "a", "order_id": "o",
                        "merchant_id": "m", "amount_minor": "-5", "order_amount_minor": "500",
