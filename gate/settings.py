@@ -40,7 +40,7 @@ class Settings:
     workers: int = field(default=1, metadata=_meta(
         "Server processes sharing the port through SO_REUSEPORT (1 = this process only)."))
     event_loop: str = field(default="uvloop", metadata=_meta(
-        "Event loop of each worker: 'uvloop' (libuv, in C: about a sixth less CPU per Check than "
+        "Event loop of each worker: 'uvloop' (libuv, in C: about a tenth less CPU per call than "
         "asyncio's own loop, docs/BENCHMARKS.md) or 'asyncio'."))
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_meta(
         "Redis holding the velocity counters and stored replies (redis://[:password@]host:port/db).",
