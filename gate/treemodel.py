@@ -97,7 +97,7 @@ class TreeModel:
         return self.max_feature_idx + 1
 
 
-_PAUSE_S = 0.0001
+_PAUSE_S = 0.001
 
 
 def yield_gil() -> None:
@@ -106,8 +106,10 @@ def yield_gil() -> None:
     The gate loads model bundles in a worker thread while its event loop serves on the main
     thread. CPython hands the GIL over only every 5 ms (``sys.getswitchinterval()``), so parsing
     a few hundred trees would take turns with the loop and halve what it serves for ~100 ms:
-    long enough for a backlog to build and admission control to shed calls. A short sleep per
-    tree lets the loop run whenever it has work. Training and tools run on the main thread.
+    long enough for a backlog to build and admission control to shed calls. A 1 ms sleep per
+    tree lets the loop run whenever it has work and spreads the load's ~0.1 s of CPU over ~1 s,
+    so the workers (each loads the bundle) do not take a shared machine's CPUs all at once.
+    Training and tools run on the main thread.
     """
     if threading.current_thread() is not threading.main_thread():
         time.sleep(_PAUSE_S)
