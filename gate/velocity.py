@@ -258,7 +258,10 @@ class CheckVelocity:
     ``counters`` holds each entity's windows, or None where that entity's script failed (its
     features stay NaN and the decision is degraded). ``status`` is the refund key's verdict,
     the authority on retries and reused ids; None if it could not be read. ``stored_reply`` is
-    the serialized answer ``store_reply`` kept for this refund, if any.
+    the serialized answer ``store_reply`` kept for this refund, if any. ``counted`` names the
+    entities this request wrote to (a log appended it, the merchant counted it): what ``undo``
+    takes back when the refund id turns out to be reused. ``blocked`` names the entities on
+    the blocklist, ``failed`` those whose commands failed.
     """
 
     stored_reply: bytes | None
@@ -283,9 +286,9 @@ def _records(rec: struct.Struct, logs: Sequence[bytes | None]) -> list[tuple[Any
 
 
 def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes | None
-                    ) -> tuple[dict[str, float], bool]:
-    """The account's windows at f.at_ms from its log buckets, this refund included, and whether
-    this refund was new to it (each refund id counts once; a tombstone takes one back)."""
+                    ) -> dict[str, float]:
+    """The account's windows at f.at_ms from its log buckets, this refund included (each refund
+    id counts once; a tombstone takes one back)."""
     now = f.at_ms
     mine = ACCOUNT_RECORD.unpack(f.account_record)
     _, rid, _, _, _, _, merchant, order, _, _, _ = mine
@@ -304,9 +307,7 @@ def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes |
                 orders[r[1]] = r
         elif kind == DELIVERED and r[7] == order:
             delivered = 1
-    new = rid not in refunds
-    if new:
-        refunds[rid] = mine
+    refunds.setdefault(rid, mine)
     r1h = r24h = r7d = r30d = amt30 = inr = inrd = dq7 = cm = pair_r = ord_n = ord_amt = 0
     ips: set[int] = set()
     cities: set[int] = set()
@@ -354,12 +355,12 @@ def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes |
     values = (r1h, r24h, r7d, r30d, amt30, inr, inrd, dq7, cm, o30, len(ips - _NONE),
               len(cities - _NONE), len(devices - _NONE), abuse_90d, pair_r, pair_o, ord_n,
               ord_amt, delivered)
-    return dict(zip(ACCOUNT_FIELDS, values, strict=True)), new
+    return dict(zip(ACCOUNT_FIELDS, values, strict=True))
 
 
-def entity_windows(f: RefundFacts, logs: Sequence[bytes | None]) -> tuple[dict[str, float], bool]:
-    """A device's or IP's windows at f.at_ms, this refund included, and whether this refund
-    was new to it (each refund id counts once; a tombstone takes one back)."""
+def entity_windows(f: RefundFacts, logs: Sequence[bytes | None]) -> dict[str, float]:
+    """A device's or IP's windows at f.at_ms, this refund included (each refund id counts
+    once; a tombstone takes one back)."""
     now = f.at_ms
     _, rid, _, _, account = ENTITY_RECORD.unpack(f.entity_record)
     refunds: dict[int, int] = {}
@@ -373,9 +374,7 @@ def entity_windows(f: RefundFacts, logs: Sequence[bytes | None]) -> tuple[dict[s
             refunds[r] = at
         if seen.get(acct, at - 1) < at:
             seen[acct] = at
-    new = rid not in refunds
-    if new:
-        refunds[rid] = now
+    refunds.setdefault(rid, now)
     if seen.get(account, now) <= now:
         seen[account] = now
     a24h = a7d = r1h = r24h = 0
@@ -389,7 +388,7 @@ def entity_windows(f: RefundFacts, logs: Sequence[bytes | None]) -> tuple[dict[s
             r24h += 1
             if now - at < HOUR_MS:
                 r1h += 1
-    return dict(zip(ENTITY_FIELDS, (a24h, a7d, r1h, r24h), strict=True)), new
+    return dict(zip(ENTITY_FIELDS, (a24h, a7d, r1h, r24h), strict=True))
 
 
 def merchant_days(ring: bytes | None, day: int) -> list[tuple[int, ...]]:
@@ -539,16 +538,15 @@ class VelocityStore:
                     result.failed.append(source)
                 continue
             if source == "merchant":  # the script's verdict, then the ring
-                new = first == Status.COUNTED
+                wrote = first == Status.COUNTED
                 counters = merchant_windows(f.at_ms, second)
-            else:  # the keys read before the script ran, then its verdict
-                if source == "account":
-                    counters, new = account_windows(f, first[2:], first[1])
-                else:
-                    counters, new = entity_windows(f, first[1:])
+            else:  # the keys read before the script ran, then whether it appended
+                wrote = second == 1
+                counters = (account_windows(f, first[2:], first[1]) if source == "account"
+                            else entity_windows(f, first[1:]))
                 if first[0] is not None:
                     result.blocked.append(source)
-            if new:
+            if wrote:
                 result.counted.append(source)
             if source != "account" or result.status in (Status.COUNTED, Status.DUPLICATE):
                 result.counters[source] = counters

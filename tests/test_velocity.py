@@ -147,6 +147,14 @@ async def test_reused_refund_id_with_other_content_conflicts_and_writes_nothing(
     assert rdb.get(log) == before
 
 
+async def test_a_reused_id_names_only_the_entities_it_wrote_to(store: VelocityStore) -> None:
+    await read(store, facts(store))
+    result = await store.record_and_read(facts(store, device_id="dev:other", amount_minor=1), 2.0)
+    assert result.status == Status.CONFLICT
+    # the account, IP and merchant already held this refund id; the other device did not
+    assert result.counted == ["device"]
+
+
 async def test_every_key_expires_and_ids_are_hashed(store: VelocityStore, rdb: redis.Redis
                                                     ) -> None:
     f = facts(store, account_id="acct:SECRET", device_id="dev:SECRET", merchant_id="m:SECRET",
