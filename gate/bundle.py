@@ -17,13 +17,15 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gate.features import FEATURE_NAMES
-from gate.policy import Thresholds
+from gate.policy import REASON_GROUPS, Thresholds
 from gate.scoring import Model, ModelFormatError, load_model
 from gate.treemodel import yield_gil
 
@@ -48,6 +50,9 @@ class Bundle:
     thresholds: Thresholds
     manifest: dict[str, Any]
     loaded_at: float
+    explain: Callable[[np.ndarray], np.ndarray]
+    """Per reason code (gate.policy.REASON_CODES), how much the features of that code pushed
+    the score up, from the leaves a row reached (``model.last_leaves()``)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -123,7 +128,8 @@ def load_bundle(path: Path, *, feature_names: Sequence[str] = FEATURE_NAMES) -> 
     if model.engine != "lightgbm":  # the portable fallback must be right too
         engines.append(model.portable())
     _verify_golden(version, path / GOLDEN, engines)
-    return Bundle(path, version, model, thresholds, manifest, time.time())
+    return Bundle(path, version, model, thresholds, manifest, time.time(),
+                  model.grouped_contributions(REASON_GROUPS))
 
 
 def _verify_golden(version: str, golden_path: Path, engines: Sequence[Model]) -> None:

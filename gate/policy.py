@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from gate.features import FEATURES
 
 APPROVE, HOLD, REJECT = "APPROVE", "HOLD_FOR_REVIEW", "REJECT"
@@ -48,9 +50,18 @@ REASON_DETAILS: dict[str, str] = {
     "MERCHANT_REFUND_SPIKE": "the merchant's refunds spike",
     "BNPL_CASHOUT": "buy-now-pay-later orders at this merchant turn into refunds",
 }
-_FEATURE_REASONS = tuple(f.reason for f in FEATURES)
-_CODES = tuple(dict.fromkeys(_FEATURE_REASONS))
-assert set(_FEATURE_REASONS) <= set(REASON_DETAILS), "every feature reason needs a detail text"
+REASON_CODES: tuple[str, ...] = tuple(dict.fromkeys(f.reason for f in FEATURES))
+"""The codes the model's features can give: the order of an explanation's weights."""
+REASON_GROUPS = np.array([[1.0 if f.reason == code else 0.0 for code in REASON_CODES]
+                          for f in FEATURES])
+"""(features, codes): the code each feature's attribution counts for."""
+assert set(REASON_CODES) <= set(REASON_DETAILS), "every feature reason needs a detail text"
+
+
+def code_weights(per_feature: Sequence[float]) -> list[float]:
+    """Per-feature attribution (FEATURES order) summed per reason code (REASON_CODES order)."""
+    weights: list[float] = (np.asarray(per_feature, dtype=np.float64) @ REASON_GROUPS).tolist()
+    return weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +117,10 @@ def decide(
 ) -> Verdict:
     """Combine the model, the guard rules and the degraded policy into one verdict.
 
-    ``explain`` returns the per-feature contribution to the score (FEATURES order); it is called
-    only for HOLD and REJECT, the only decisions whose reasons anyone reads.
+    ``explain`` returns how much each reason code's features together pushed the score up
+    (REASON_CODES order: ``Bundle.explain`` of the leaves just scored, or `code_weights` of a
+    per-feature attribution); it is called only for HOLD and REJECT, the only decisions whose
+    reasons anyone reads.
     """
     decision = APPROVE if score is None else model_decision(score, t)
     rules: list[str] = []
@@ -124,15 +137,15 @@ def decide(
         rules.append("FEATURES_UNAVAILABLE")
     if decision == APPROVE:
         return Verdict(APPROVE, ("FEATURES_UNAVAILABLE",) if facts.degraded else ())
-    attribution = explain() if explain is not None else None
-    return Verdict(decision, tuple(rules) + _model_reasons(attribution, rules))
+    weights = explain() if explain is not None else None
+    return Verdict(decision, tuple(rules) + _model_reasons(weights, rules))
 
 
 def _max(a: str, b: str) -> str:
     return a if _RANK[a] >= _RANK[b] else b
 
 
-def _model_reasons(attribution: Sequence[float] | None, already: Sequence[str]) -> tuple[str, ...]:
+def _model_reasons(weights: Sequence[float] | None, already: Sequence[str]) -> tuple[str, ...]:
     """Reason codes whose features together pushed the score up most.
 
     A code weighs the summed attribution of all its features: the evidence for "quick
@@ -140,10 +153,8 @@ def _model_reasons(attribution: Sequence[float] | None, already: Sequence[str]) 
     them, so one strong supporting feature (a young account) does not outrank a signal whose
     evidence is spread over several features.
     """
-    if attribution is None:
+    if weights is None:
         return ()
-    weight = dict.fromkeys(_CODES, 0.0)
-    for code, value in zip(_FEATURE_REASONS, attribution, strict=True):
-        weight[code] += value
-    ranked = sorted((w, code) for code, w in weight.items() if w > 0 and code not in already)
+    ranked = sorted((w, code) for code, w in zip(REASON_CODES, weights, strict=True)
+                    if w > 0 and code not in already)
     return tuple(code for _, code in reversed(ranked[-MAX_MODEL_REASONS:]))

@@ -268,7 +268,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         with tel.stage("policy", span):
             verdict = policy.decide(
                 score, bundle.thresholds, facts_for_rules, self.degraded_policy,
-                explain=lambda: model.contributions(model.last_leaves()).tolist(),
+                explain=lambda: bundle.explain(model.last_leaves()).tolist(),
             )
         t3 = time.monotonic()
         m.stage_duration.record(t3 - t2, {"stage": "policy"})

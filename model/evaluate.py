@@ -1,8 +1,9 @@
 """Evaluate a trained model the way the gate will use it, and write the report.
 
 Every decision here is made by the gate's own code: ``Model.score`` on the feature row, then
-``gate.policy.decide`` with the guard rules' facts and, for HOLD and REJECT, reasons from
-``Model.contributions(Model.last_leaves())`` — exactly the call in ``gate.service``. So the
+``gate.policy.decide`` with the guard rules' facts and, for HOLD and REJECT, reasons from the
+per-code attribution of ``Model.last_leaves()`` — exactly what ``gate.service`` asks of
+``Bundle.explain``. So the
 recall, the hold rates and the reason codes in the report are what serving would have answered.
 
     evaluate()      valid and test weeks: full features, degraded (every velocity feature NaN),
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -117,6 +118,7 @@ def decide_rows(model: Model, thresholds: policy.Thresholds, data: Dataset, rows
     decisions = np.empty(len(rows), dtype=object)
     reasons: list[tuple[str, ...]] = []
     attribution: dict[int, np.ndarray] = {}
+    by_code = model.grouped_contributions(policy.REASON_GROUPS)  # as Bundle.explain
     fallback = policy.DegradedPolicy(0)
     for k, i in enumerate(rows):
         row = data.X[i].copy()
@@ -128,16 +130,20 @@ def decide_rows(model: Model, thresholds: policy.Thresholds, data: Dataset, rows
             order_amount_asked=int(data.order_asked[i]) if velocity else None, blocked=(),
             degraded=not velocity and degraded_policy is not None)
         verdict = policy.decide(score, thresholds, facts, degraded_policy or fallback,
-                                explain=partial(_explain, model, attribution, k))
+                                explain=partial(_explain, model, by_code, attribution, k))
         scores[k], decisions[k] = score, verdict.decision
         reasons.append(verdict.reasons)
     return Decisions(scores, decisions.astype(str), reasons, attribution)
 
 
-def _explain(model: Model, store: dict[int, np.ndarray], key: int) -> list[float]:
-    """The gate's ``explain``: attribution of the row just scored; kept for the report."""
-    store[key] = model.contributions(model.last_leaves())
-    return list(store[key].tolist())
+def _explain(model: Model, by_code: Callable[[np.ndarray], np.ndarray],
+             store: dict[int, np.ndarray], key: int) -> list[float]:
+    """The gate's ``explain`` of the row just scored (weights per reason code); its
+    per-feature attribution is kept for the report."""
+    leaves = model.last_leaves()
+    store[key] = model.contributions(leaves)
+    weights: list[float] = by_code(leaves).tolist()
+    return weights
 
 
 def guard_fires(data: Dataset, rows: np.ndarray, *, velocity: bool) -> np.ndarray:

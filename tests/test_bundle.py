@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightgbm as lgb
+import numpy as np
 import pytest
 
+from gate import policy
 from gate.bundle import BundleError, load_bundle, sha256_file
 from gate.features import FEATURE_NAMES
 from model.synthetic import synthetic_training_set
@@ -39,6 +41,17 @@ def test_good_bundle_loads_with_the_compiled_engine(copy: Path) -> None:
     b = load_bundle(copy)
     assert (b.version, b.model.engine) == ("test-model-1", "compiled")
     assert (b.thresholds.hold, b.thresholds.reject) == (0.5, 0.9)
+
+
+def test_a_bundle_explains_by_reason_code(copy: Path) -> None:
+    b = load_bundle(copy)
+    rows = synthetic_training_set(50, seed=5)[0]
+    for row in rows.tolist():
+        b.model.score(row)
+        leaves = b.model.last_leaves()
+        np.testing.assert_allclose(b.explain(leaves),
+                                   policy.code_weights(b.model.contributions(leaves)),
+                                   rtol=0, atol=1e-12)
 
 
 def test_corrupt_model_is_refused(copy: Path) -> None:

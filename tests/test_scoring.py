@@ -212,6 +212,19 @@ def test_engines_equal_booster_on_data_rows(trained: Trained, engine: str) -> No
     np.testing.assert_allclose(model.predict_many(X), expected, rtol=0, atol=TOLERANCE)
 
 
+def test_grouped_contributions_are_the_per_feature_ones_summed_by_group(trained: Trained) -> None:
+    model = _load(trained, ENGINE_COMPILED)
+    rng = np.random.default_rng(3)
+    groups = (rng.random((len(FEATURE_NAMES), 5)) < 0.3).astype(float)
+    grouped = model.grouped_contributions(groups)
+    for row in trained.X[:100].tolist():
+        _, leaves = model.score_with_leaves(row)
+        np.testing.assert_allclose(grouped(leaves), model.contributions(leaves) @ groups,
+                                   rtol=0, atol=1e-12)
+    with pytest.raises(ValueError):
+        model.grouped_contributions(groups[:-1])
+
+
 def test_portable_twin_scores_on_lightgbm_and_shares_what_was_loaded(trained: Trained) -> None:
     model = _load(trained, ENGINE_COMPILED)
     twin = model.portable()
