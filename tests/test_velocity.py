@@ -20,6 +20,8 @@ from gate.velocity import (
     ACCOUNT_RECORD,
     ENTITY_BUCKET_MS,
     ENTITY_BUCKETS,
+    ENTITY_CAP,
+    ENTITY_RECORD,
     LOAD_SCRIPTS,
     IdHasher,
     RefundFacts,
@@ -208,6 +210,23 @@ async def test_a_full_log_bucket_keeps_its_newest_half(store: VelocityStore, rdb
     assert len(times) > ACCOUNT_CAP // ACCOUNT_RECORD.size // 2
     # every refund of the last 40 seconds is still counted
     assert c["account"]["refunds_1h"] >= 45
+
+
+async def test_a_full_bucket_written_by_events_keeps_its_newest_half(store: VelocityStore,
+                                                                      rdb: redis.Redis) -> None:
+    span = ENTITY_BUCKET_MS / 1000
+    base = NOW // span * span + HOUR  # well inside one bucket
+    events = [pb.Event(event_id=f"e{i}", type=pb.EVENT_TYPE_ORDER_PLACED, account_id=f"acct:{i}",
+                       merchant_id="m:1", order_id=f"o:{i}", amount_minor=100, currency="EUR",
+                       device_id="dev:busy") for i in range(300)]
+    await store.record_events(events, [base + i for i in range(300)], 5.0)
+    device = store.hash("d", "dev:busy")
+    log = rdb.get(store.keys.log("d", device, int(base * 1000) // ENTITY_BUCKET_MS))
+    assert log is not None and len(log) <= ENTITY_CAP
+    times = [r[3] for r in ENTITY_RECORD.iter_unpack(log)]
+    newest = int((base + 299) * 1000)
+    assert times == [newest - 1000 * i for i in range(len(times) - 1, -1, -1)]
+    assert len(times) > ENTITY_CAP // ENTITY_RECORD.size // 2
 
 
 async def test_merchant_windows_are_sliding_estimates_from_day_buckets(
