@@ -269,6 +269,10 @@ async def test_scripts_are_reloaded_after_script_flush(store: VelocityStore,
     rdb.script_flush()
     result = await store.record_and_read(facts(store), 2.0)
     assert result.complete and result.status == Status.COUNTED
+    # the merchant's ring was read again after its resent script: this refund is in it
+    assert result.counters["merchant"] is not None
+    assert result.counters["merchant"]["refunds_24h"] == 1
+    assert result.counted == ["account", "device", "ip", "merchant"]
 
 
 async def test_a_merchant_event_older_than_the_ring_leaves_recent_days_alone(
