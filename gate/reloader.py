@@ -73,15 +73,19 @@ async def _load_in_thread(path: Path) -> Bundle:
     The loader gives the GIL up between trees (gate/treemodel.py ``yield_gil``), but a parse
     makes a few hundred thousand objects, and a collection the cyclic GC starts in the loader's
     thread holds the GIL for tens of ms over them. So the collector is paused for the load, and
-    what it made, long-lived like the start-up objects, is frozen out of later collections too
-    (refcounting still frees a bundle once it is no longer kept).
+    what a successful load made, long-lived like the start-up objects, is frozen out of later
+    collections too (refcounting still frees a bundle once it is no longer kept). A refused
+    load's leftovers (an exception's frames hold the half-built model) stay collectable.
     """
     gc.disable()
     try:
-        return await asyncio.to_thread(load_bundle, path)
-    finally:
-        gc.freeze()
+        bundle = await asyncio.to_thread(load_bundle, path)
+    except BaseException:
         gc.enable()
+        raise
+    gc.freeze()
+    gc.enable()
+    return bundle
 
 
 class ModelWatcher:

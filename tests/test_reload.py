@@ -236,8 +236,11 @@ async def test_twenty_reloads_under_load_fail_no_call_and_mix_no_models(
 
 async def test_the_collector_runs_again_after_a_load_loaded_or_refused(tmp_path: Path,
                                                                        bundle_dir: Path) -> None:
-    assert (await reloader._load_in_thread(bundle_dir)).version
-    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
     with pytest.raises(BundleError):
         await reloader._load_in_thread(tmp_path / "nothing here")
     assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen  # a refused load's leftovers stay collectable
+    assert (await reloader._load_in_thread(bundle_dir)).version
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > frozen  # a loaded bundle is frozen out of collections
