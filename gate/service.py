@@ -48,6 +48,7 @@ _OUTCOMES = {v: k for k, v in _DECISIONS.items()}
 EVENTS_TIMEOUT_S = 2.0
 SHADOW_MIN_S = 0.001  # budget that must be left to score the shadow model; otherwise skip it
 OVERLOADED = "gate overloaded, retry later"
+REUSED_ID = "refund_id was already used for a different request"
 R = TypeVar("R")
 
 
@@ -111,6 +112,32 @@ def bad_request_status(err: ValidationError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+class Refused(Exception):
+    """A deliberate non-OK answer (overloaded, invalid, reused id, no model, Redis down for
+    events). Raised inside a counted call and sent by ``RefundGateService._admitted`` once the
+    call's duration is recorded under its code, so the metrics never lag the answer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 status: grpc.Status | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status  # with details (a BadRequest), else code and message alone
+
+    @classmethod
+    def bad_request(cls, err: ValidationError) -> Refused:
+        """INVALID_ARGUMENT with a google.rpc.BadRequest naming every violated field."""
+        status = bad_request_status(err)
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, status.details, status)
+
+    async def send(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        """Answer the call with this status (``abort`` raises AbortError)."""
+        if self.status is not None:
+            await context.abort_with_status(self.status)
+        await context.abort(self.code, self.message)
+        raise AssertionError("unreachable: abort raises")
+
+
 class RefundGateService(pb_grpc.RefundGateServicer):
     """Check and RecordEvents over one velocity store and the live model."""
 
@@ -143,24 +170,26 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         work: Callable[[float], Awaitable[R]], outcome_of: Callable[[R], str],
     ) -> R:
         """Run one counted call: ask admission control first (overloaded: refuse before any
-        work, see gate/admission.py), then record its duration by outcome and release it."""
+        work, see gate/admission.py), then record its duration by outcome, release it, and only
+        then send a refusal the work raised."""
         started = time.monotonic()
         if not self.admission.admit():
             self.metrics.shed.add(1)
             duration.record(time.monotonic() - started, {"outcome": "RESOURCE_EXHAUSTED"})
-            await _fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
+            await Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED).send(context)
         outcome = "INTERNAL"
+        refused: Refused | None = None
         try:
             result = await work(started)
             outcome = outcome_of(result)
             return result
-        except grpc.aio.AbortError:
-            code = context.code()  # type: ignore[attr-defined]
-            outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
-            raise
+        except Refused as exc:
+            refused = exc
+            outcome = exc.code.name
         finally:
             self.admission.release()
             duration.record(time.monotonic() - started, {"outcome": outcome})
+        await refused.send(context)
 
     async def _check(
         self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, started: float
@@ -171,18 +200,17 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                                   allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s)
         except ValidationError as err:
             self.metrics.invalid.add(1, {"method": "Check"})
-            await context.abort_with_status(bad_request_status(err))
+            raise Refused.bad_request(err) from None
         bundle, shadow = self.models.bundle, self.models.shadow  # read once: one model per call
         if bundle is None:
-            await _fail(context, grpc.StatusCode.UNAVAILABLE, "no valid model loaded")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "no valid model loaded")
 
         rf, facts = prepare(self.store, request, at_s)
 
         waiting = self._in_flight.get(facts.refund)
         if waiting is not None:
             if waiting.fingerprint != facts.fingerprint:
-                await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
-                            "refund_id was already used for a different request")
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS, REUSED_ID)
             shared = await self._await_shared(waiting, started, context)
             if shared is not None:
                 return shared
@@ -247,7 +275,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         if problem is not None:
             m.redis_errors.add(1, {"kind": problem})
         if velocity is not None:
-            replay = await self._replay(context, velocity, facts)
+            replay = self._replay(velocity, facts)
             if replay is not None:
                 return replay
         counters = velocity.counters if velocity is not None else {}
@@ -316,17 +344,14 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                 shadow=shadow_verdict))
         return response
 
-    async def _replay(
-        self, context: grpc.aio.ServicerContext, velocity: CheckVelocity, facts: RefundFacts,
-    ) -> pb.CheckResponse | None:
+    def _replay(self, velocity: CheckVelocity, facts: RefundFacts) -> pb.CheckResponse | None:
         """The stored answer for a retry, or ALREADY_EXISTS for a reused refund_id."""
         if velocity.status == Status.CONFLICT:
             if velocity.counted:  # entities the original did not touch counted it
                 task = asyncio.get_running_loop().create_task(
                     self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S))
                 task.add_done_callback(_log_failure)
-            await _fail(context, grpc.StatusCode.ALREADY_EXISTS,
-                        "refund_id was already used for a different request")
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, REUSED_ID)
         if velocity.stored_reply is None:
             return None
         self.metrics.replays.add(1)
@@ -355,7 +380,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                                     max_events=s.max_events_per_call)
         except ValidationError as err:
             self.metrics.invalid.add(1, {"method": "RecordEvents"})
-            await context.abort_with_status(bad_request_status(err))
+            raise Refused.bad_request(err) from None
         timeout = EVENTS_TIMEOUT_S
         remaining = context.time_remaining()
         if remaining is not None:
@@ -364,16 +389,10 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             statuses = await self.store.record_events(request.events, times, max(timeout, 0.001))
         except RedisError as exc:
             self.metrics.redis_errors.add(1, {"kind": redis_problem(exc)})
-            await _fail(context, grpc.StatusCode.UNAVAILABLE,
-                        "velocity store unavailable; retry, events are idempotent")
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          "velocity store unavailable; retry, events are idempotent") from None
         accepted = sum(1 for st in statuses if st == Status.COUNTED)
         return pb.RecordEventsResponse(accepted=accepted, duplicates=len(statuses) - accepted)
-
-
-async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    """Abort the call with a deliberate status (``abort`` raises; this tells the type checker)."""
-    await context.abort(code, message)
-    raise AssertionError("unreachable: abort raises")
 
 
 def _decision_id(refund_hash: str, status: Status | None) -> str:
