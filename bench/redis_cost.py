@@ -38,8 +38,7 @@ from gate.velocity import LOAD_SCRIPTS, SCRIPTS, IdHasher, VelocityStore
 from refundgate.v1 import refund_gate_pb2 as pb
 
 
-async def _drive(store: VelocityStore, population: Population, checks: int,
-                 concurrency: int) -> float:
+async def _drive(store: VelocityStore, population: Population, checks: int, concurrency: int) -> float:
     """Send ``checks`` Checks' velocity round trips, ``concurrency`` at a time; wall seconds."""
     queue = collections.deque(pb.CheckRequest.FromString(population.check()) for _ in range(checks))
 
@@ -79,9 +78,24 @@ def _start_callgrind(workdir: Path) -> RedisProcess:
     port = free_port()
     out = workdir / "callgrind.out"
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "redis-server",
-         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=workdir,
+    )
     client = redis.Redis(port=port, socket_timeout=60)
     deadline = time.monotonic() + 60
     while True:
@@ -113,12 +127,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     server = _start_callgrind(workdir) if args.callgrind else start_redis()
     try:
         client = server.client()
-        conn = RedisConnection(RedisAddress.from_url(server.url), connect_timeout_s=30.0, stall_s=60.0,
-                               on_connect=LOAD_SCRIPTS)
+        conn = RedisConnection(
+            RedisAddress.from_url(server.url), connect_timeout_s=30.0, stall_s=60.0, on_connect=LOAD_SCRIPTS
+        )
         await conn.connect()
         store = VelocityStore(conn, prefix="rg", hasher=IdHasher("bench"), replay_ttl_s=86400)
-        population = Population(accounts=args.accounts, zipf=args.zipf, seed=args.seed,
-                                run_tag="rc")
+        population = Population(accounts=args.accounts, zipf=args.zipf, seed=args.seed, run_tag="rc")
         await _seed(store, population)
         await _drive(store, population, args.warmup, args.concurrency)
         client.config_resetstat()
@@ -127,8 +141,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await _drive(store, population, args.checks, args.concurrency)
             _callgrind(server.proc.pid, "--dump")  # part 2: the measured Checks
             await conn.close()
-            return {"checks": args.checks, "redis_instructions_per_check":
-                    round(_instructions(workdir) / args.checks)}
+            return {
+                "checks": args.checks,
+                "redis_instructions_per_check": round(_instructions(workdir) / args.checks),
+            }
         cpu = proc_cpu_s(server.proc.pid)
         wall = await _drive(store, population, args.checks, args.concurrency)
         cpu = proc_cpu_s(server.proc.pid) - cpu
@@ -173,8 +189,11 @@ def main() -> None:
     p.add_argument("--accounts", type=int, default=20_000)
     p.add_argument("--zipf", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--callgrind", action="store_true",
-                   help="count Redis instructions per Check under valgrind instead of time")
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count Redis instructions per Check under valgrind instead of time",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (callgrind dumps)")
     p.add_argument("--out", default=None)
     args = p.parse_args()

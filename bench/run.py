@@ -418,8 +418,18 @@ def bench_config(
             *gate_extra_flags(),
             *more,
         ]
-    echo_argv = [PYTHON, "-m", "bench.echo", "--listen", f"127.0.0.1:{echo_port}", "--workers", str(workers),
-                 "--event-loop", args.event_loop]
+
+    echo_argv = [
+        PYTHON,
+        "-m",
+        "bench.echo",
+        "--listen",
+        f"127.0.0.1:{echo_port}",
+        "--workers",
+        str(workers),
+        "--event-loop",
+        args.event_loop,
+    ]
     servers: list[Server] = []
     try:
         gate = start_server("gate", gate_argv(gate_port), gate_port, workers, out_dir / f"gate-{tag}.log")
@@ -615,9 +625,7 @@ def summarize_reload(check: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]
         return None
     lat = {k: step["latency_ms"].get(k) for k in ("p50", "p99", "p99.9")}
     steady = c["half_load_latency_ms"]
-    ratio = {
-        k: round(lat[k] / steady[k], 2) if lat[k] is not None and steady.get(k) else None for k in lat
-    }
+    ratio = {k: round(lat[k] / steady[k], 2) if lat[k] is not None and steady.get(k) else None for k in lat}
     return {
         "rate_rps": step["target_rps"],
         "flips": step.get("flips"),
@@ -705,11 +713,21 @@ def run_redis_cost(out_dir: Path, checks: int, timeout_s: float) -> dict[str, An
     running, gives the cost a Redis of its own would see; both figures are reported.
     """
     out = out_dir / "redis-cost.json"
-    argv = [PYTHON, "-m", "bench.redis_cost", "--checks", str(checks),
-            "--warmup", str(max(checks // 2, 1)), "--out", str(out)]
+    argv = [
+        PYTHON,
+        "-m",
+        "bench.redis_cost",
+        "--checks",
+        str(checks),
+        "--warmup",
+        str(max(checks // 2, 1)),
+        "--out",
+        str(out),
+    ]
     try:
-        done = subprocess.run(argv, cwd=ROOT, timeout=timeout_s, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            argv, cwd=ROOT, timeout=timeout_s, capture_output=True, text=True, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         log(f"bench.redis_cost timed out after {timeout_s} s")
         return {"status": f"timed out after {timeout_s} s"}
@@ -1039,8 +1057,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for workers in workers_list:
                 configs.append(bench_config(workers, args, redis, model_dir, out_dir))
             scoring = run_scoring(model_dir, out_dir, args.scoring_timeout)
-            redis_alone = (run_redis_cost(out_dir, args.redis_cost_checks, args.scoring_timeout)
-                           if args.redis_cost_checks > 0 else {"status": "skipped"})
+            redis_alone = (
+                run_redis_cost(out_dir, args.redis_cost_checks, args.scoring_timeout)
+                if args.redis_cost_checks > 0
+                else {"status": "skipped"}
+            )
             redis_version = redis.client().info("server").get("redis_version")
     except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
         print(f"\nFAILED: the benchmark could not run: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -69,8 +69,9 @@ DEEP_READS_EVERY = 2
 """While it showed more than ``max_concurrency`` (every new call is refused anyway), 2x less
 often: in deep overload the worker needs its CPU for refusing."""
 
-_COUNTERS = [re.compile(rb'"%s":"(\d+)"' % name.encode())
-             for name in ("callsStarted", "callsSucceeded", "callsFailed")]
+_COUNTERS = [
+    re.compile(rb'"%s":"(\d+)"' % name.encode()) for name in ("callsStarted", "callsSucceeded", "callsFailed")
+]
 
 
 class Admission:
@@ -82,10 +83,17 @@ class Admission:
     are injectable for tests.
     """
 
-    def __init__(self, *, shed_start: int, max_concurrency: int, sample_s: float,
-                 window_s: float, counter: CallCounter | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 rand: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        *,
+        shed_start: int,
+        max_concurrency: int,
+        sample_s: float,
+        window_s: float,
+        counter: CallCounter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         if not 1 <= shed_start <= max_concurrency:
             raise ValueError("need 1 <= shed_start <= max_concurrency")
         if sample_s <= 0 or window_s <= 0:
@@ -114,10 +122,13 @@ class Admission:
     @classmethod
     def from_settings(cls, settings: Settings, counter: CallCounter | None = None) -> Admission:
         """The controller the settings describe (``shed_start`` capped at the maximum)."""
-        return cls(shed_start=min(settings.shed_start, settings.max_concurrency),
-                   max_concurrency=settings.max_concurrency,
-                   sample_s=settings.admission_sample_ms / 1000.0,
-                   window_s=settings.admission_window_ms / 1000.0, counter=counter)
+        return cls(
+            shed_start=min(settings.shed_start, settings.max_concurrency),
+            max_concurrency=settings.max_concurrency,
+            sample_s=settings.admission_sample_ms / 1000.0,
+            window_s=settings.admission_window_ms / 1000.0,
+            counter=counter,
+        )
 
     def admit(self) -> bool:
         """True to serve a new call, False to refuse it with RESOURCE_EXHAUSTED now."""
@@ -165,8 +176,10 @@ class Admission:
         try:
             count = self.counter()
         except Exception as exc:  # a gRPC build without channelz, or a format change
-            log.warning("calls held cannot be read from gRPC core; admission counts only the "
-                        "running calls", extra={"error": repr(exc)})
+            log.warning(
+                "calls held cannot be read from gRPC core; admission counts only the running calls",
+                extra={"error": repr(exc)},
+            )
             self.counter = None
             self.held = 0.0
             return
@@ -215,7 +228,8 @@ def channelz_counter(server_id: int) -> CallCounter:
     def held() -> int:
         data = cygrpc.channelz_get_server(server_id)
         started, succeeded, failed = (
-            int(m.group(1)) if (m := pattern.search(data)) else 0 for pattern in _COUNTERS)
+            int(m.group(1)) if (m := pattern.search(data)) else 0 for pattern in _COUNTERS
+        )
         return started - succeeded - failed
 
     held()  # fail here, at start-up, rather than on the first call
@@ -242,6 +256,8 @@ def find_new_server(before: list[int] | None) -> CallCounter | None:
         reason = f"{len(new)} new servers in channelz"
     except Exception as exc:
         reason = repr(exc)
-    log.warning("gRPC core's call counters are not readable; admission counts only the "
-                "running calls", extra={"reason": reason})
+    log.warning(
+        "gRPC core's call counters are not readable; admission counts only the running calls",
+        extra={"reason": reason},
+    )
     return None

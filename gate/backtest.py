@@ -31,8 +31,7 @@ from gate.features import FEATURE_INDEX
 from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, decide
 
 DECISIONS = (APPROVE, HOLD, REJECT)
-BLOCK_REASONS = {"BLOCKLISTED_ACCOUNT": "account", "BLOCKLISTED_DEVICE": "device",
-                 "BLOCKLISTED_IP": "ip"}
+BLOCK_REASONS = {"BLOCKLISTED_ACCOUNT": "account", "BLOCKLISTED_DEVICE": "device", "BLOCKLISTED_IP": "ip"}
 STREAM_CHUNK = 1000
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE of a client without decode_responses
 
@@ -65,7 +64,8 @@ class BacktestReport:
     reject: float
     degraded_approve_below_minor: int
     matrix: dict[str, dict[str, int]] = field(
-        default_factory=lambda: {a: dict.fromkeys(DECISIONS, 0) for a in DECISIONS})
+        default_factory=lambda: {a: dict.fromkeys(DECISIONS, 0) for a in DECISIONS}
+    )
     skipped: Counter[str] = field(default_factory=Counter)
     logged_versions: Counter[str] = field(default_factory=Counter)
 
@@ -100,11 +100,15 @@ class BacktestReport:
         """A JSON-ready summary (the matrix, transitions, rates and skip reasons)."""
         replayed = self.replayed
         return {
-            "candidate": {"version": self.candidate, "thresholds": {"hold": self.hold,
-                                                                    "reject": self.reject}},
+            "candidate": {
+                "version": self.candidate,
+                "thresholds": {"hold": self.hold, "reject": self.reject},
+            },
             "degraded_approve_below_minor": self.degraded_approve_below_minor,
-            "read": self.read, "replayed": replayed,
-            "skipped": sum(self.skipped.values()), "skip_reasons": dict(self.skipped),
+            "read": self.read,
+            "replayed": replayed,
+            "skipped": sum(self.skipped.values()),
+            "skip_reasons": dict(self.skipped),
             "logged_versions": dict(self.logged_versions),
             "matrix": self.matrix,
             "changed": self.changed,
@@ -126,12 +130,16 @@ def parse_record(raw: str | bytes) -> LoggedDecision:
     if missing:
         raise SkippedRecord(f"lacks {', '.join(missing)}")
     if body["decision"] not in DECISIONS:
-        raise SkippedRecord(f"logged decision {str(body['decision'])[:40]!r} is not one of "
-                            f"{'/'.join(DECISIONS)}")
-    return LoggedDecision(features=_decode_features(body["features"]), decision=body["decision"],
-                          reasons=tuple(str(r) for r in body["reasons"]),
-                          degraded=bool(body["degraded"]),
-                          model_version=str(body.get("model_version") or "unknown"))
+        raise SkippedRecord(
+            f"logged decision {str(body['decision'])[:40]!r} is not one of {'/'.join(DECISIONS)}"
+        )
+    return LoggedDecision(
+        features=_decode_features(body["features"]),
+        decision=body["decision"],
+        reasons=tuple(str(r) for r in body["reasons"]),
+        degraded=bool(body["degraded"]),
+        model_version=str(body.get("model_version") or "unknown"),
+    )
 
 
 def _decode_features(values: Any) -> list[float]:
@@ -173,11 +181,13 @@ def replay(record: LoggedDecision, bundle: Bundle, degraded: DegradedPolicy) -> 
     return decide(score, bundle.thresholds, facts, degraded).decision
 
 
-def backtest(raw_records: Iterable[str | bytes], bundle: Bundle, degraded: DegradedPolicy,
-             *, limit: int | None = None) -> BacktestReport:
+def backtest(
+    raw_records: Iterable[str | bytes], bundle: Bundle, degraded: DegradedPolicy, *, limit: int | None = None
+) -> BacktestReport:
     """Replay up to ``limit`` raw records through ``bundle`` and count the transitions."""
-    report = BacktestReport(bundle.version, bundle.thresholds.hold, bundle.thresholds.reject,
-                            degraded.approve_below_minor)
+    report = BacktestReport(
+        bundle.version, bundle.thresholds.hold, bundle.thresholds.reject, degraded.approve_below_minor
+    )
     for raw in islice(raw_records, limit):
         try:
             record = parse_record(raw)
@@ -215,15 +225,18 @@ def read_stream(client: redis.Redis, key: str, *, chunk: int = STREAM_CHUNK) -> 
 
 def format_report(report: BacktestReport) -> str:
     """The report as text: matrix, changes, rates and skipped records."""
-    lines = [f"backtest of {report.candidate} (hold >= {report.hold:.6g}, reject >= "
-             f"{report.reject:.6g}; degraded approve below {report.degraded_approve_below_minor} "
-             f"minor units)",
-             f"read {report.read:,} logged decisions: {report.replayed:,} replayed, "
-             f"{sum(report.skipped.values()):,} skipped"]
+    lines = [
+        f"backtest of {report.candidate} (hold >= {report.hold:.6g}, reject >= "
+        f"{report.reject:.6g}; degraded approve below {report.degraded_approve_below_minor} "
+        f"minor units)",
+        f"read {report.read:,} logged decisions: {report.replayed:,} replayed, "
+        f"{sum(report.skipped.values()):,} skipped",
+    ]
     lines += [f"  skipped {n:,}: {reason}" for reason, n in report.skipped.most_common()]
     if report.logged_versions:
-        lines.append("logged by " + ", ".join(f"{v} ({n:,})"
-                                              for v, n in report.logged_versions.most_common()))
+        lines.append(
+            "logged by " + ", ".join(f"{v} ({n:,})" for v, n in report.logged_versions.most_common())
+        )
     if not report.replayed:
         lines.append("nothing to compare: no record could be replayed")
         return "\n".join(lines)
@@ -254,8 +267,9 @@ def _rate_lines(report: BacktestReport) -> list[str]:
     rates = report.rates()
     lines = ["rate".ljust(20) + "logged".rjust(10) + "candidate".rjust(12)]
     for d in DECISIONS:
-        lines.append(d.ljust(20) + f"{rates['logged'][d]:.2%}".rjust(10)
-                     + f"{rates['candidate'][d]:.2%}".rjust(12))
+        lines.append(
+            d.ljust(20) + f"{rates['logged'][d]:.2%}".rjust(10) + f"{rates['candidate'][d]:.2%}".rjust(12)
+        )
     return lines
 
 

@@ -42,8 +42,7 @@ class Blocklist:
     @classmethod
     def from_settings(cls, settings: Settings) -> Blocklist:
         """A blocklist on the settings' Redis, key prefix and id hash key."""
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
-                                      socket_connect_timeout=5)
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         return cls(client, Keys(settings.key_prefix), IdHasher(settings.id_hash_key))
 
     def _locate(self, kind: str, value: str) -> tuple[str, str, str]:

@@ -95,8 +95,9 @@ class CircuitBreaker:
                 continue
             self.state = State.CLOSED
             self.failures = 0
-            log.info("circuit breaker closed",
-                      extra={"open_s": round(time.monotonic() - (self.opened_at or 0), 3)})
+            log.info(
+                "circuit breaker closed", extra={"open_s": round(time.monotonic() - (self.opened_at or 0), 3)}
+            )
             self._notify()
 
     def _notify(self) -> None:

@@ -66,8 +66,7 @@ def sha256_file(path: Path) -> str:
 
 def encode_row(row: Sequence[float]) -> list[float | str | None]:
     """JSON-safe row: NaN as null, infinities as strings."""
-    return [None if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else v
-            for v in row]
+    return [None if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else v for v in row]
 
 
 def decode_row(row: Sequence[float | str | None]) -> list[float]:
@@ -104,18 +103,22 @@ def load_bundle(path: Path, *, feature_names: Sequence[str] = FEATURE_NAMES) -> 
             raise BundleError(f"{version}: {name} is missing")
         actual = sha256_file(file)
         if actual != expected:
-            raise BundleError(f"{version}: checksum of {name} is {actual[:12]}…, manifest says "
-                              f"{str(expected)[:12]}… (corrupt or half-copied bundle)")
+            raise BundleError(
+                f"{version}: checksum of {name} is {actual[:12]}…, manifest says "
+                f"{str(expected)[:12]}… (corrupt or half-copied bundle)"
+            )
     if manifest["checksum"] != files[MODEL_TXT]:
         raise BundleError(f"{version}: manifest checksum does not match model.txt's")
 
     features = list(manifest["features"])
     if features != list(feature_names):
-        raise BundleError(f"{version}: feature list differs from the gate's: "
-                          f"{_first_difference(features, feature_names)}")
+        raise BundleError(
+            f"{version}: feature list differs from the gate's: {_first_difference(features, feature_names)}"
+        )
     try:
-        thresholds = Thresholds(float(manifest["thresholds"]["hold"]),
-                                float(manifest["thresholds"]["reject"]))
+        thresholds = Thresholds(
+            float(manifest["thresholds"]["hold"]), float(manifest["thresholds"]["reject"])
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{version}: thresholds are not sane ({exc})") from None
 
@@ -128,8 +131,9 @@ def load_bundle(path: Path, *, feature_names: Sequence[str] = FEATURE_NAMES) -> 
     if model.engine != "lightgbm":  # the portable fallback must be right too
         engines.append(model.portable())
     _verify_golden(version, path / GOLDEN, engines)
-    return Bundle(path, version, model, thresholds, manifest, time.time(),
-                  model.grouped_contributions(REASON_GROUPS))
+    return Bundle(
+        path, version, model, thresholds, manifest, time.time(), model.grouped_contributions(REASON_GROUPS)
+    )
 
 
 def _verify_golden(version: str, golden_path: Path, engines: Sequence[Model]) -> None:
@@ -150,8 +154,10 @@ def _verify_golden(version: str, golden_path: Path, engines: Sequence[Model]) ->
             except (ValueError, TypeError) as exc:
                 raise BundleError(f"{version}: golden row {i} cannot be scored ({exc})") from None
             if not abs(got - want) <= GOLDEN_TOLERANCE:
-                raise BundleError(f"{version}: the {model.engine} engine scores golden row {i} "
-                                  f"as {got!r}, expected {want!r}")
+                raise BundleError(
+                    f"{version}: the {model.engine} engine scores golden row {i} "
+                    f"as {got!r}, expected {want!r}"
+                )
 
 
 def _first_difference(got: Sequence[str], want: Sequence[str]) -> str:

@@ -35,12 +35,21 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for f in settings_fields():
         kind: Any = type(f.default)
         if kind is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=f.metadata["doc"])
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=f.metadata["doc"],
+            )
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None,
-                                type=Path if isinstance(f.default, Path) else kind,
-                                help=f"{f.metadata['doc']} (GATE_{f.name.upper()})")
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                default=None,
+                type=Path if isinstance(f.default, Path) else kind,
+                help=f"{f.metadata['doc']} (GATE_{f.name.upper()})",
+            )
 
 
 def _settings_from(args: argparse.Namespace) -> Any:
@@ -97,14 +106,23 @@ def build_check_request(args: argparse.Namespace) -> pb.CheckRequest:
     """A CheckRequest from --json (file, '-' or inline) and/or individual flags."""
     req = pb.CheckRequest()
     if args.json:
-        text = sys.stdin.read() if args.json == "-" else (
-            Path(args.json).read_text() if Path(args.json).is_file() else args.json)
+        text = (
+            sys.stdin.read()
+            if args.json == "-"
+            else (Path(args.json).read_text() if Path(args.json).is_file() else args.json)
+        )
         json_format.Parse(text, req)
     now = time.time()
-    simple = {"refund_id": args.refund_id, "account_id": args.account_id,
-              "order_id": args.order_id, "merchant_id": args.merchant_id,
-              "currency": args.currency, "device_id": args.device_id, "ip": args.ip,
-              "geo_city": args.city}
+    simple = {
+        "refund_id": args.refund_id,
+        "account_id": args.account_id,
+        "order_id": args.order_id,
+        "merchant_id": args.merchant_id,
+        "currency": args.currency,
+        "device_id": args.device_id,
+        "ip": args.ip,
+        "geo_city": args.city,
+    }
     for key, value in simple.items():
         if value is not None:
             setattr(req, key, value)
@@ -171,8 +189,9 @@ def _error_json(err: grpc.RpcError) -> dict[str, Any]:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
-                out["field_violations"] = [{"field": v.field, "description": v.description}
-                                           for v in bad.field_violations]
+                out["field_violations"] = [
+                    {"field": v.field, "description": v.description} for v in bad.field_violations
+                ]
     return out
 
 
@@ -186,15 +205,19 @@ def cmd_blocklist(args: argparse.Namespace) -> int:
         for entry in book.list():
             print(json.dumps(asdict(entry)))
         return 0
-    targets = [(kind, value) for kind, value in (("account", args.account),
-               ("device", args.device), ("ip", args.ip)) if value]
+    targets = [
+        (kind, value)
+        for kind, value in (("account", args.account), ("device", args.device), ("ip", args.ip))
+        if value
+    ]
     if not targets:
         print("refund-gate: give --account, --device or --ip", file=sys.stderr)
         return 2
     for kind, value in targets:
         if args.action == "add":
-            book.add(kind, value, note=args.note or "", ttl_s=args.ttl_days * 86400
-                     if args.ttl_days else None)
+            book.add(
+                kind, value, note=args.note or "", ttl_s=args.ttl_days * 86400 if args.ttl_days else None
+            )
             print(f"blocked {kind}")
         elif args.action == "remove":
             print(f"{'unblocked' if book.remove(kind, value) else 'was not blocked'}: {kind}")
@@ -238,8 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--target", default="127.0.0.1:50051")
     p_check.add_argument("--timeout-ms", type=float, default=1000.0)
     p_check.add_argument("--json", help="CheckRequest as JSON: inline, a file, or - for stdin")
-    for name in ("refund-id", "account-id", "order-id", "merchant-id", "currency", "device-id",
-                 "ip", "city", "reason", "category", "delivery", "payment"):
+    for name in (
+        "refund-id",
+        "account-id",
+        "order-id",
+        "merchant-id",
+        "currency",
+        "device-id",
+        "ip",
+        "city",
+        "reason",
+        "category",
+        "delivery",
+        "payment",
+    ):
         p_check.add_argument(f"--{name}")
     p_check.add_argument("--amount", type=int, help="refund amount, minor units")
     p_check.add_argument("--order-amount", type=int, help="order amount, minor units")

@@ -76,9 +76,26 @@ def start_redis(port: int | None = None, timeout_s: float = 10.0) -> RedisProces
     deadline = time.monotonic() + timeout_s
     while True:
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", str(workdir), "--protected-mode", "no", "--logfile", str(log_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--protected-mode",
+                "no",
+                "--logfile",
+                str(log_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         if _wait_ready(proc, port, deadline):
             return RedisProcess(port, proc, workdir)

@@ -76,17 +76,26 @@ class Verdict:
 # The checks of load_bundle, in the order it runs them, and how to recognise each one's refusal.
 # A refusal that matches none of them comes from loading model.txt (ModelFormatError's many texts).
 _CHECKS: tuple[tuple[str, str, str | None], ...] = (
-    ("manifest", "manifest.json readable, with every required key",
-     r"no manifest\.json$|manifest\.json is not valid JSON|manifest\.json must be a JSON object"
-     r"|manifest\.json lacks '"),
-    ("checksums", "every file listed in the manifest present, with its sha256",
-     r"manifest lists no checksum for|: \S+ is missing$|: checksum of \S+ is "
-     r"|manifest checksum does not match"),
+    (
+        "manifest",
+        "manifest.json readable, with every required key",
+        r"no manifest\.json$|manifest\.json is not valid JSON|manifest\.json must be a JSON object"
+        r"|manifest\.json lacks '",
+    ),
+    (
+        "checksums",
+        "every file listed in the manifest present, with its sha256",
+        r"manifest lists no checksum for|: \S+ is missing$|: checksum of \S+ is "
+        r"|manifest checksum does not match",
+    ),
     ("features", "feature list = the gate's feature spec", r"feature list differs from the gate's"),
     ("thresholds", "thresholds sane: 0 < hold <= reject <= 1", r"thresholds are not sane"),
     ("model", "model.txt loads (the gate's tree parser and LightGBM agree)", None),
-    ("golden", "golden vectors reproduce on every engine (1e-12)",
-     r"golden vectors|engine scores golden row|row has \d+ values, the model takes"),
+    (
+        "golden",
+        "golden vectors reproduce on every engine (1e-12)",
+        r"golden vectors|engine scores golden row|row has \d+ values, the model takes",
+    ),
 )
 
 
@@ -99,8 +108,11 @@ def validate_bundle(path: Path) -> Verdict:
     except BundleError as exc:
         return _refused(path, str(exc))
     except Exception as exc:  # the gate would not serve it either, but would crash, not refuse
-        return _refused(path, f"{type(exc).__name__}: {exc} (load_bundle raised this instead of "
-                              "BundleError: the gate would fail with a traceback)")
+        return _refused(
+            path,
+            f"{type(exc).__name__}: {exc} (load_bundle raised this instead of "
+            "BundleError: the gate would fail with a traceback)",
+        )
     return _accepted(path, bundle)
 
 
@@ -140,10 +152,16 @@ def _accepted(path: Path, bundle: Bundle) -> Verdict:
         "model": f"{model.num_trees} trees",
         "golden": f"{golden_rows} rows reproduce on {' and '.join(engines)} (1e-12)",
     }
-    return Verdict(str(path), True, version=bundle.version, engine=model.engine,
-                   fallback_reason=_fallback_text(bundle), num_trees=model.num_trees,
-                   thresholds={"hold": t.hold, "reject": t.reject},
-                   checks=[CheckResult(name, doc, True, details[name]) for name, doc, _ in _CHECKS])
+    return Verdict(
+        str(path),
+        True,
+        version=bundle.version,
+        engine=model.engine,
+        fallback_reason=_fallback_text(bundle),
+        num_trees=model.num_trees,
+        thresholds={"hold": t.hold, "reject": t.reject},
+        checks=[CheckResult(name, doc, True, details[name]) for name, doc, _ in _CHECKS],
+    )
 
 
 def _fallback_text(bundle: Bundle) -> str | None:
@@ -154,16 +172,20 @@ def _fallback_text(bundle: Bundle) -> str | None:
 
 def format_verdict(v: Verdict) -> str:
     """The verdict as text, one line per check."""
-    lines = [f"bundle      {v.path}",
-             f"verdict     {'VALID: the gate would serve it' if v.valid else 'REFUSED'}"]
+    lines = [
+        f"bundle      {v.path}",
+        f"verdict     {'VALID: the gate would serve it' if v.valid else 'REFUSED'}",
+    ]
     if v.version is not None:
         lines.append(f"version     {v.version}")
     if v.valid:
         engine = v.engine if v.fallback_reason is None else f"{v.engine} (fallback: {v.fallback_reason})"
         assert v.thresholds is not None
-        lines += [f"engine      {engine}", f"trees       {v.num_trees}",
-                  f"thresholds  hold >= {v.thresholds['hold']:.6g}, "
-                  f"reject >= {v.thresholds['reject']:.6g}"]
+        lines += [
+            f"engine      {engine}",
+            f"trees       {v.num_trees}",
+            f"thresholds  hold >= {v.thresholds['hold']:.6g}, reject >= {v.thresholds['reject']:.6g}",
+        ]
     else:
         lines.append(f"reason      {v.error}")
     lines.append("checks")
@@ -189,8 +211,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # inspect
 
-_SHOWN_KEYS = ("version", "created_at", "num_trees", "features", "thresholds", "checksum", "files",
-               "model_card", "metrics")
+_SHOWN_KEYS = (
+    "version",
+    "created_at",
+    "num_trees",
+    "features",
+    "thresholds",
+    "checksum",
+    "files",
+    "model_card",
+    "metrics",
+)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -236,12 +267,14 @@ def _header_lines(path: Path, manifest: Mapping[str, Any]) -> list[str]:
         same = list(features) == list(FEATURE_NAMES)
         spec = f"{len(features)} ({'the gate spec' if same else 'DIFFERS from the gate spec'})"
     thresholds = manifest.get("thresholds")
-    return [f"bundle      {where}",
-            f"version     {manifest.get('version', '(missing)')}",
-            f"created     {manifest.get('created_at', '(missing)')}",
-            f"trees       {manifest.get('num_trees', '(not recorded)')}",
-            f"features    {spec}",
-            f"thresholds  {_thresholds_text(thresholds)}"]
+    return [
+        f"bundle      {where}",
+        f"version     {manifest.get('version', '(missing)')}",
+        f"created     {manifest.get('created_at', '(missing)')}",
+        f"trees       {manifest.get('num_trees', '(not recorded)')}",
+        f"features    {spec}",
+        f"thresholds  {_thresholds_text(thresholds)}",
+    ]
 
 
 def _thresholds_text(thresholds: Any) -> str:
@@ -257,8 +290,9 @@ def _card_lines(card: Any) -> list[str]:
     card = dict(card)
     lines: list[str] = []
     if "intended_use" in card:
-        lines += textwrap.wrap(f"intended use: {card.pop('intended_use')}", 96,
-                               initial_indent="  ", subsequent_indent="    ")
+        lines += textwrap.wrap(
+            f"intended use: {card.pop('intended_use')}", 96, initial_indent="  ", subsequent_indent="    "
+        )
     data = card.pop("data", None)
     if isinstance(data, dict):
         lines += _data_lines(dict(data))
@@ -280,8 +314,7 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
     if _is_window(window):
         start, end = (datetime.fromtimestamp(float(t), UTC) for t in window)
         days = (end - start).total_seconds() / 86400
-        lines.append(f"  data window: {start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC "
-                     f"({days:.1f} days)")
+        lines.append(f"  data window: {start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC ({days:.1f} days)")
     elif window is not None:
         data["window"] = window
     scenarios = data.pop("scenarios", None)
@@ -295,15 +328,20 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
 
 
 def _is_window(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(t, int | float) and not isinstance(t, bool) for t in value))
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(t, int | float) and not isinstance(t, bool) for t in value)
+    )
 
 
 def _mix_lines(mix: Mapping[str, float]) -> list[str]:
     total = sum(mix.values()) or 1
     width = max(len(k) for k in mix)
-    return [f"    {name:<{width}}  {_number(n):>10}  {n / total:6.1%}"
-            for name, n in sorted(mix.items(), key=lambda kv: -kv[1])]
+    return [
+        f"    {name:<{width}}  {_number(n):>10}  {n / total:6.1%}"
+        for name, n in sorted(mix.items(), key=lambda kv: -kv[1])
+    ]
 
 
 def _tree_lines(value: Any, indent: int) -> list[str]:
@@ -373,8 +411,11 @@ def _file_lines(path: Path, files: Any) -> list[str]:
         actual = sha256_file(file)
         status = "✓" if actual == expected else f"✗ differs: is {actual[:16]}…"
         lines.append(f"  {name:<{width}}  {file.stat().st_size:>10,} B  {recorded}  {status}")
-    lines += [f"  {name:<{width}}  {(path / name).stat().st_size:>10,} B  (not in the manifest)"
-              for name in present if name not in files]
+    lines += [
+        f"  {name:<{width}}  {(path / name).stat().st_size:>10,} B  (not in the manifest)"
+        for name in present
+        if name not in files
+    ]
     return lines
 
 
@@ -500,8 +541,9 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     bundle = _load_or_refuse(_bundle_dir(args.dir))
     with _decision_source(args) as records:
-        report = backtest(records, bundle, DegradedPolicy(args.degraded_approve_below_minor),
-                          limit=args.limit)
+        report = backtest(
+            records, bundle, DegradedPolicy(args.degraded_approve_below_minor), limit=args.limit
+        )
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return OK
 
@@ -613,9 +655,12 @@ def add_model_commands(sub: Any) -> None:
     from gate.settings import Settings
 
     defaults = Settings()
-    model = sub.add_parser("model", help="validate, inspect, promote and backtest model bundles",
-                           description="The model owners' commands. Exit codes: 0 done, 1 refused "
-                                       "(invalid bundle, unreadable source), 2 usage error.")
+    model = sub.add_parser(
+        "model",
+        help="validate, inspect, promote and backtest model bundles",
+        description="The model owners' commands. Exit codes: 0 done, 1 refused "
+        "(invalid bundle, unreadable source), 2 usage error.",
+    )
     msub = model.add_subparsers(dest="model_command", required=True)
 
     p = msub.add_parser("validate", help="run every check the gate runs at load")
@@ -630,15 +675,17 @@ def add_model_commands(sub: Any) -> None:
 
     p = msub.add_parser("promote", help="validate, then atomically point current/shadow at DIR")
     p.add_argument("dir", type=Path, help="bundle directory")
-    p.add_argument("--model-dir", type=Path, help="directory of the current/shadow links "
-                   "(default: the parent of DIR)")
+    p.add_argument(
+        "--model-dir", type=Path, help="directory of the current/shadow links (default: the parent of DIR)"
+    )
     p.add_argument("--as", dest="slot", choices=SLOTS, default="current")
     p.add_argument("--no-validate", action="store_true", help="promote even an invalid bundle")
     p.set_defaults(func=_run(cmd_promote))
 
     p = msub.add_parser("unshadow", help="remove the shadow link")
-    p.add_argument("--model-dir", type=Path, help="directory of the current/shadow links "
-                   "(default: from GATE_MODEL_DIR)")
+    p.add_argument(
+        "--model-dir", type=Path, help="directory of the current/shadow links (default: from GATE_MODEL_DIR)"
+    )
     p.set_defaults(func=_run(cmd_unshadow))
 
     p = msub.add_parser("backtest", help="replay logged decisions through a candidate bundle")
@@ -648,9 +695,12 @@ def add_model_commands(sub: Any) -> None:
     source.add_argument("--jsonl", type=Path, help="read a JSONL export instead")
     p.add_argument("--key-prefix", default=defaults.key_prefix, help="stream <prefix>:decisions")
     p.add_argument("--limit", type=_int_at_least(1), help="replay at most the N oldest decisions")
-    p.add_argument("--degraded-approve-below-minor", type=_int_at_least(0),
-                   default=defaults.degraded_approve_below_minor,
-                   help="degraded policy of the replay (default: the gate's default)")
+    p.add_argument(
+        "--degraded-approve-below-minor",
+        type=_int_at_least(0),
+        default=defaults.degraded_approve_below_minor,
+        help="degraded policy of the replay (default: the gate's default)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=_run(cmd_backtest))
 

@@ -52,8 +52,7 @@ REASON_DETAILS: dict[str, str] = {
 }
 REASON_CODES: tuple[str, ...] = tuple(dict.fromkeys(f.reason for f in FEATURES))
 """The codes the model's features can give: the order of an explanation's weights."""
-REASON_GROUPS = np.array([[1.0 if f.reason == code else 0.0 for code in REASON_CODES]
-                          for f in FEATURES])
+REASON_GROUPS = np.array([[1.0 if f.reason == code else 0.0 for code in REASON_CODES] for f in FEATURES])
 """(features, codes): the code each feature's attribution counts for."""
 assert set(REASON_CODES) <= set(REASON_DETAILS), "every feature reason needs a detail text"
 
@@ -112,7 +111,10 @@ def model_decision(score: float, t: Thresholds) -> str:
 
 
 def decide(
-    score: float | None, t: Thresholds, facts: Facts, degraded: DegradedPolicy,
+    score: float | None,
+    t: Thresholds,
+    facts: Facts,
+    degraded: DegradedPolicy,
     explain: Callable[[], Sequence[float]] | None = None,
 ) -> Verdict:
     """Combine the model, the guard rules and the degraded policy into one verdict.
@@ -155,6 +157,7 @@ def _model_reasons(weights: Sequence[float] | None, already: Sequence[str]) -> t
     """
     if weights is None:
         return ()
-    ranked = sorted((w, code) for code, w in zip(REASON_CODES, weights, strict=True)
-                    if w > 0 and code not in already)
+    ranked = sorted(
+        (w, code) for code, w in zip(REASON_CODES, weights, strict=True) if w > 0 and code not in already
+    )
     return tuple(code for _, code in reversed(ranked[-MAX_MODEL_REASONS:]))

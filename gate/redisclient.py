@@ -72,8 +72,9 @@ class RedisAddress:
             for item in parts.query.split("&"):
                 if item.startswith("db="):
                     db = int(item[3:])
-            return cls(unix_path=parts.path, db=db,
-                       password=unquote(parts.password) if parts.password else None)
+            return cls(
+                unix_path=parts.path, db=db, password=unquote(parts.password) if parts.password else None
+            )
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError("redis url must use redis:// or unix://")
         db = int(parts.path.lstrip("/") or 0)
@@ -182,8 +183,7 @@ class RedisConnection:
                 self._proto = proto
                 hello: list[Command] = []
                 if a.password:
-                    hello.append(("AUTH", a.username, a.password) if a.username
-                                 else ("AUTH", a.password))
+                    hello.append(("AUTH", a.username, a.password) if a.username else ("AUTH", a.password))
                 if a.db:
                     hello.append(("SELECT", a.db))
                 hello.extend(self.on_connect)
@@ -196,8 +196,7 @@ class RedisConnection:
             self._drop()
             raise RedisUnavailable(f"cannot connect to redis: {type(exc).__name__}") from None
 
-    def send(self, commands: Sequence[Command], *, urgent: bool = True
-             ) -> asyncio.Future[list[Any]]:
+    def send(self, commands: Sequence[Command], *, urgent: bool = True) -> asyncio.Future[list[Any]]:
         """Queue a batch; its future resolves to the list of replies, in order.
 
         Urgent batches are written at the end of this loop tick, with everything queued so far;
@@ -222,8 +221,7 @@ class RedisConnection:
             self._lazy_timer = loop.call_later(self.lazy_flush_s, self._flush)
         return future
 
-    async def call(self, commands: Sequence[Command], timeout_s: float, *,
-                   urgent: bool = True) -> list[Any]:
+    async def call(self, commands: Sequence[Command], timeout_s: float, *, urgent: bool = True) -> list[Any]:
         """Send a batch and wait at most ``timeout_s`` for all its replies."""
         future = self.send(commands, urgent=urgent)
         assert self._loop is not None
@@ -238,8 +236,7 @@ class RedisConnection:
             return
         future.set_exception(RedisTimeout("redis reply timed out"))
         proto = self._proto
-        if (proto is not None and proto.pending
-                and time.monotonic() - proto.pending[0].sent_at > self.stall_s):
+        if proto is not None and proto.pending and time.monotonic() - proto.pending[0].sent_at > self.stall_s:
             self._abort("redis stalled")
 
     def _flush(self) -> None:

@@ -60,8 +60,12 @@ def bundle_signature(path: Path) -> Signature | None:
     try:
         real = path.resolve(strict=True)
         entries = sorted(os.scandir(real), key=lambda e: e.name)
-        stats = tuple((e.name, st.st_size, st.st_mtime_ns, st.st_ino)
-                      for e in entries if e.is_file() for st in (e.stat(),))
+        stats = tuple(
+            (e.name, st.st_size, st.st_mtime_ns, st.st_ino)
+            for e in entries
+            if e.is_file()
+            for st in (e.stat(),)
+        )
     except OSError:
         return None
     return str(real), stats
@@ -91,8 +95,14 @@ async def _load_in_thread(path: Path) -> Bundle:
 class ModelWatcher:
     """Polls the model directory and keeps the holder's live and shadow bundles up to date."""
 
-    def __init__(self, model_dir: Path, holder: ModelHolder, *, poll_s: float = 1.0,
-                 on_result: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        holder: ModelHolder,
+        *,
+        poll_s: float = 1.0,
+        on_result: Callable[[str], None] | None = None,
+    ) -> None:
         self.model_dir = model_dir
         self.holder = holder
         self.poll_s = poll_s
@@ -181,8 +191,15 @@ class ModelWatcher:
         keep = {id(b) for b in (holder.bundle, holder.previous, holder.shadow) if b is not None}
         self._loaded = {s: b for s, b in self._loaded.items() if id(b) in keep}
         self._loaded[signature] = bundle
-        log.info("model loaded", extra={"slot": slot, "version": bundle.version,
-                                        "engine": bundle.model.engine, "path": str(bundle.path)})
+        log.info(
+            "model loaded",
+            extra={
+                "slot": slot,
+                "version": bundle.version,
+                "engine": bundle.model.engine,
+                "path": str(bundle.path),
+            },
+        )
         if self.on_result is not None:
             self.on_result("loaded")
 

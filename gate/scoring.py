@@ -477,8 +477,7 @@ def _self_check(engine: _CompiledEngine, tree_model: TreeModel, booster: lightgb
     expected = booster.predict(probes)
     expected_leaves = np.asarray(booster.predict(probes, pred_leaf=True)).reshape(len(probes), -1)
     state = engine.new_state()
-    for i, (row, want, want_leaves) in enumerate(zip(probes, expected, expected_leaves,
-                                                     strict=True)):
+    for i, (row, want, want_leaves) in enumerate(zip(probes, expected, expected_leaves, strict=True)):
         if i % 8 == 0:
             yield_gil()
         state.row[:] = row.tolist()

@@ -48,8 +48,11 @@ VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
 service itself stays SERVING then: it answers, degraded, within its budget."""
 
 
-def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],
-           request_type: type[Message], telemetry: Telemetry) -> grpc.RpcMethodHandler:
+def _unary(
+    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],
+    request_type: type[Message],
+    telemetry: Telemetry,
+) -> grpc.RpcMethodHandler:
     """A unary handler that parses the request itself and maps every failure deliberately.
 
     gRPC's own deserializer would answer INTERNAL to bytes that are not a valid message; the
@@ -65,8 +68,13 @@ def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
                 request = request_type.FromString(raw)
             except (DecodeError, ValueError):
                 telemetry.m.invalid.add(1, {"method": name})
-                await context.abort_with_status(bad_request_status(ValidationError(
-                    [Violation("request", f"is not a valid {request_type.DESCRIPTOR.name}")])))
+                await context.abort_with_status(
+                    bad_request_status(
+                        ValidationError(
+                            [Violation("request", f"is not a valid {request_type.DESCRIPTOR.name}")]
+                        )
+                    )
+                )
                 raise AssertionError("unreachable: abort raises") from None
             try:
                 return await method(request, context)
@@ -78,7 +86,8 @@ def _unary(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
                 raise AssertionError("unreachable: abort raises") from None
 
     return grpc.unary_unary_rpc_method_handler(
-        handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
+        handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString()
+    )
 
 
 class GateAdminService(admin_pb2_grpc.GateAdminServicer):
@@ -116,8 +125,7 @@ class _HealthServicer(health.aio.HealthServicer):
         super().__init__()
         self.admission = admission
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> None:
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
         with self.admission.stream():
             await super().Watch(request, context)
 
@@ -172,9 +180,11 @@ class Gate:
                 if version >= MIN_REDIS:
                     break
                 if not warned:  # the scripts would fail on every Check: refuse to serve
-                    log.error("Redis %s is too old: refund-gate needs %s or later; staying "
-                              "NOT_SERVING", ".".join(map(str, version)),
-                              ".".join(map(str, MIN_REDIS)))
+                    log.error(
+                        "Redis %s is too old: refund-gate needs %s or later; staying NOT_SERVING",
+                        ".".join(map(str, version)),
+                        ".".join(map(str, MIN_REDIS)),
+                    )
                     warned = True
                 await asyncio.sleep(5.0)
             except RedisError:
@@ -183,15 +193,17 @@ class Gate:
         await self.health.set(VELOCITY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         if self.models.bundle is not None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving", extra={"port": self.port,
-                                       "model_version": self.models.bundle.version})
+            log.info("serving", extra={"port": self.port, "model_version": self.models.bundle.version})
 
     def on_breaker_change(self, state: State) -> None:
         """Mirror the breaker in the velocity health entry and count openings."""
         if state is State.OPEN:
             self.telemetry.m.breaker_opens.add(1)
-        status = (health_pb2.HealthCheckResponse.SERVING if state is State.CLOSED
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if state is State.CLOSED
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         task = asyncio.get_running_loop().create_task(self.health.set(VELOCITY_HEALTH, status))
         self._tasks.append(task)
         self._tasks = [t for t in self._tasks if not t.done()]
@@ -216,8 +228,13 @@ class Gate:
         await self.redis.close()
 
 
-def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
-                reuse_port: bool = False, telemetry: Telemetry | None = None) -> Gate:
+def create_gate(
+    settings: Settings,
+    models: Bundle | ModelWatcher | None,
+    *,
+    reuse_port: bool = False,
+    telemetry: Telemetry | None = None,
+) -> Gate:
     """Build the server on ``settings.listen`` (port 0 picks a free one).
 
     ``models`` is a watcher (hot reload of the model directory), a fixed bundle, or None (the
@@ -226,8 +243,9 @@ def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
     """
     telemetry = telemetry or Telemetry(prometheus=False)
     watcher = models if isinstance(models, ModelWatcher) else None
-    holder = watcher.holder if watcher is not None else ModelHolder(
-        models if isinstance(models, Bundle) else None)
+    holder = (
+        watcher.holder if watcher is not None else ModelHolder(models if isinstance(models, Bundle) else None)
+    )
     if watcher is not None:
         watcher.on_result = lambda result: telemetry.m.model_loads.add(1, {"result": result})
         if holder.refusals:  # refused before telemetry existed (e.g. a bad shadow at start-up)
@@ -238,16 +256,25 @@ def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
         on_connect=LOAD_SCRIPTS,
     )
     probe_timeout_s = (settings.budget_ms - settings.score_reserve_ms) / 1000.0
-    breaker = CircuitBreaker(lambda: redis.call([("PING",)], probe_timeout_s),
-                             failure_threshold=settings.breaker_failures)
-    store = VelocityStore(redis, prefix=settings.key_prefix, hasher=IdHasher(settings.id_hash_key),
-                          replay_ttl_s=settings.replay_ttl_s, breaker=breaker)
+    breaker = CircuitBreaker(
+        lambda: redis.call([("PING",)], probe_timeout_s), failure_threshold=settings.breaker_failures
+    )
+    store = VelocityStore(
+        redis,
+        prefix=settings.key_prefix,
+        hasher=IdHasher(settings.id_hash_key),
+        replay_ttl_s=settings.replay_ttl_s,
+        breaker=breaker,
+    )
     decision_log = None
     if settings.decision_log:
         decision_log = DecisionLog(
-            redis, f"{settings.key_prefix}:decisions", maxlen=settings.decision_log_maxlen,
+            redis,
+            f"{settings.key_prefix}:decisions",
+            maxlen=settings.decision_log_maxlen,
             queue_size=settings.decision_log_queue,
-            on_drop=lambda n: telemetry.m.decision_log_dropped.add(n))
+            on_drop=lambda n: telemetry.m.decision_log_dropped.add(n),
+        )
     observe_breaker(telemetry.meter, lambda: not breaker.allow())
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -263,32 +290,44 @@ def create_gate(settings: Settings, models: Bundle | ModelWatcher | None, *,
     before = server_ids_or_none()
     server = grpc.aio.server(options=options)
     admission = Admission.from_settings(settings, find_new_server(before))
-    service = RefundGateService(settings, store, holder, telemetry, decision_log,
-                                admission=admission)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        "Check": _unary(service.Check, pb.CheckRequest, telemetry),
-        "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest, telemetry),
-    }),))
+    service = RefundGateService(settings, store, holder, telemetry, decision_log, admission=admission)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE_NAME,
+                {
+                    "Check": _unary(service.Check, pb.CheckRequest, telemetry),
+                    "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest, telemetry),
+                },
+            ),
+        )
+    )
     admin_pb2_grpc.add_GateAdminServicer_to_server(GateAdminService(holder), server)
     health_servicer = _HealthServicer(admission)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME,
-         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        (
+            SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"cannot bind {settings.listen}")
-    gate = Gate(server, port, service, health_servicer, redis, breaker, holder, telemetry,
-                decision_log, watcher, [])
+    gate = Gate(
+        server, port, service, health_servicer, redis, breaker, holder, telemetry, decision_log, watcher, []
+    )
     breaker.on_change = gate.on_breaker_change
     return gate
 
 
-async def _run(settings: Settings, watcher: ModelWatcher, reuse_port: bool,
-               worker: int = 0) -> None:
-    telemetry = Telemetry(prometheus=bool(settings.admin_listen) and settings.telemetry,
-                          enabled=settings.telemetry)
+async def _run(settings: Settings, watcher: ModelWatcher, reuse_port: bool, worker: int = 0) -> None:
+    telemetry = Telemetry(
+        prometheus=bool(settings.admin_listen) and settings.telemetry, enabled=settings.telemetry
+    )
     if settings.admin_listen and settings.telemetry:
         host, _, port = settings.admin_listen.rpartition(":")
         address = f"{host}:{int(port) + worker if int(port) else 0}"

@@ -42,8 +42,11 @@ from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-_DECISIONS = {policy.APPROVE: pb.DECISION_APPROVE, policy.HOLD: pb.DECISION_HOLD_FOR_REVIEW,
-              policy.REJECT: pb.DECISION_REJECT}
+_DECISIONS = {
+    policy.APPROVE: pb.DECISION_APPROVE,
+    policy.HOLD: pb.DECISION_HOLD_FOR_REVIEW,
+    policy.REJECT: pb.DECISION_REJECT,
+}
 _OUTCOMES = {v: k for k, v in _DECISIONS.items()}
 EVENTS_TIMEOUT_S = 2.0
 SHADOW_MIN_S = 0.001  # budget that must be left to score the shadow model; otherwise skip it
@@ -100,10 +103,12 @@ def redis_problem(exc: RedisError) -> str:
 
 def bad_request_status(err: ValidationError) -> grpc.Status:
     """INVALID_ARGUMENT with a google.rpc.BadRequest naming every violated field."""
-    detail = error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-        for v in err.violations
-    ])
+    detail = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in err.violations
+        ]
+    )
     status = status_pb2.Status(
         code=code_pb2.INVALID_ARGUMENT,
         message="invalid request: " + ", ".join(sorted({v.field for v in err.violations})),
@@ -117,8 +122,7 @@ class Refused(Exception):
     events). Raised inside a counted call and sent by ``RefundGateService._admitted`` once the
     call's duration is recorded under its code, so the metrics never lag the answer."""
 
-    def __init__(self, code: grpc.StatusCode, message: str,
-                 status: grpc.Status | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, status: grpc.Status | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -141,10 +145,16 @@ class Refused(Exception):
 class RefundGateService(pb_grpc.RefundGateServicer):
     """Check and RecordEvents over one velocity store and the live model."""
 
-    def __init__(self, settings: Settings, store: VelocityStore, models: ModelHolder,
-                 telemetry: Telemetry, decision_log: DecisionLog | None = None,
-                 clock: Callable[[], float] = time.time,
-                 admission: Admission | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: VelocityStore,
+        models: ModelHolder,
+        telemetry: Telemetry,
+        decision_log: DecisionLog | None = None,
+        clock: Callable[[], float] = time.time,
+        admission: Admission | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.models = models
@@ -156,18 +166,21 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self.degraded_policy = policy.DegradedPolicy(settings.degraded_approve_below_minor)
         self._in_flight: dict[str, _InFlight] = {}
 
-    async def Check(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CheckResponse:
+    async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         """One refund request, one decision; see the module docstring for the path."""
         return await self._admitted(
-            context, self.metrics.check_duration,
+            context,
+            self.metrics.check_duration,
             lambda started: self._check(request, context, started),
-            lambda response: _OUTCOMES[response.decision])
+            lambda response: _OUTCOMES[response.decision],
+        )
 
     async def _admitted(
-        self, context: grpc.aio.ServicerContext, duration: Histogram,
-        work: Callable[[float], Awaitable[R]], outcome_of: Callable[[R], str],
+        self,
+        context: grpc.aio.ServicerContext,
+        duration: Histogram,
+        work: Callable[[float], Awaitable[R]],
+        outcome_of: Callable[[R], str],
     ) -> R:
         """Run one counted call: ask admission control first (overloaded: refuse before any
         work, see gate/admission.py), then record its duration by outcome, release it, and only
@@ -196,8 +209,9 @@ class RefundGateService(pb_grpc.RefundGateServicer):
     ) -> pb.CheckResponse:
         s = self.settings
         try:
-            at_s = validate_check(request, now_s=self.clock(),
-                                  allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s)
+            at_s = validate_check(
+                request, now_s=self.clock(), allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s
+            )
         except ValidationError as err:
             self.metrics.invalid.add(1, {"method": "Check"})
             raise Refused.bad_request(err) from None
@@ -258,8 +272,13 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         return left
 
     async def _decide(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext, bundle: Bundle,
-        shadow: Bundle | None, rf: features.RequestFeatures, facts: RefundFacts,
+        self,
+        request: pb.CheckRequest,
+        context: grpc.aio.ServicerContext,
+        bundle: Bundle,
+        shadow: Bundle | None,
+        rf: features.RequestFeatures,
+        facts: RefundFacts,
         started: float,
     ) -> pb.CheckResponse:
         tel, m = self.telemetry, self.metrics
@@ -295,22 +314,29 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         )
         with tel.stage("policy", span):
             verdict = policy.decide(
-                score, bundle.thresholds, facts_for_rules, self.degraded_policy,
+                score,
+                bundle.thresholds,
+                facts_for_rules,
+                self.degraded_policy,
                 explain=lambda: bundle.explain(model.last_leaves()).tolist(),
             )
         t3 = time.monotonic()
         m.stage_duration.record(t3 - t2, {"stage": "policy"})
-        m.decisions.add(1, {"decision": verdict.decision, "model_version": bundle.version,
-                            "degraded": degraded})
+        m.decisions.add(
+            1, {"decision": verdict.decision, "model_version": bundle.version, "degraded": degraded}
+        )
         if span.is_recording():
             breaker = self.store.breaker
-            span.set_attributes({
-                "refundgate.decision": verdict.decision, "refundgate.model_version": bundle.version,
-                "refundgate.degraded": degraded,
-                "refundgate.breaker": breaker.state.value if breaker is not None else "none",
-                "refundgate.velocity_ms": round((t1 - t0) * 1000, 3),
-                "refundgate.score_ms": round((t2 - t1) * 1000, 3),
-            })
+            span.set_attributes(
+                {
+                    "refundgate.decision": verdict.decision,
+                    "refundgate.model_version": bundle.version,
+                    "refundgate.degraded": degraded,
+                    "refundgate.breaker": breaker.state.value if breaker is not None else "none",
+                    "refundgate.velocity_ms": round((t1 - t0) * 1000, 3),
+                    "refundgate.score_ms": round((t2 - t1) * 1000, 3),
+                }
+            )
         status = velocity.status if velocity is not None else None
         response = pb.CheckResponse(
             refund_id=request.refund_id,
@@ -329,19 +355,32 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         shadow_verdict: tuple[str, float, str] | None = None
         if shadow is not None and self._budget_s(started, context) > SHADOW_MIN_S:
             shadow_score = shadow.model.score(row)
-            would = policy.decide(shadow_score, shadow.thresholds, facts_for_rules,
-                                  self.degraded_policy).decision
+            would = policy.decide(
+                shadow_score, shadow.thresholds, facts_for_rules, self.degraded_policy
+            ).decision
             shadow_verdict = (shadow.version, shadow_score, would)
-            m.shadow.add(1, {"shadow_version": shadow.version,
-                             "agree": would == verdict.decision})
+            m.shadow.add(1, {"shadow_version": shadow.version, "agree": would == verdict.decision})
         if self.decision_log is not None:
-            self.decision_log.submit(DecisionRecord(
-                decision_id=response.decision_id, at=facts.at_ms / 1000.0, refund=facts.refund,
-                account=facts.account, merchant=facts.merchant, order=facts.order,
-                device=facts.device, ip=facts.ip, features=row, score=score,
-                model_version=bundle.version, decision=verdict.decision, reasons=verdict.reasons,
-                degraded=degraded, latency_ms=(time.monotonic() - started) * 1000.0,
-                shadow=shadow_verdict))
+            self.decision_log.submit(
+                DecisionRecord(
+                    decision_id=response.decision_id,
+                    at=facts.at_ms / 1000.0,
+                    refund=facts.refund,
+                    account=facts.account,
+                    merchant=facts.merchant,
+                    order=facts.order,
+                    device=facts.device,
+                    ip=facts.ip,
+                    features=row,
+                    score=score,
+                    model_version=bundle.version,
+                    decision=verdict.decision,
+                    reasons=verdict.reasons,
+                    degraded=degraded,
+                    latency_ms=(time.monotonic() - started) * 1000.0,
+                    shadow=shadow_verdict,
+                )
+            )
         return response
 
     def _replay(self, velocity: CheckVelocity, facts: RefundFacts) -> pb.CheckResponse | None:
@@ -349,7 +388,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         if velocity.status == Status.CONFLICT:
             if velocity.counted:  # entities the original did not touch counted it
                 task = asyncio.get_running_loop().create_task(
-                    self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S))
+                    self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S)
+                )
                 task.add_done_callback(_log_failure)
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, REUSED_ID)
         if velocity.stored_reply is None:
@@ -367,17 +407,24 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         Shed like Check when the process is overloaded: a batch competes for the same event loop
         and Redis, and callers retry it safely (a repeated event_id counts once)."""
         return await self._admitted(
-            context, self.metrics.events_duration,
-            lambda _started: self._record_events(request, context), lambda _response: "OK")
+            context,
+            self.metrics.events_duration,
+            lambda _started: self._record_events(request, context),
+            lambda _response: "OK",
+        )
 
     async def _record_events(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEventsResponse:
         s = self.settings
         try:
-            times = validate_events(request, now_s=self.clock(),
-                                    allow_client_time=s.allow_client_time, skew_s=s.clock_skew_s,
-                                    max_events=s.max_events_per_call)
+            times = validate_events(
+                request,
+                now_s=self.clock(),
+                allow_client_time=s.allow_client_time,
+                skew_s=s.clock_skew_s,
+                max_events=s.max_events_per_call,
+            )
         except ValidationError as err:
             self.metrics.invalid.add(1, {"method": "RecordEvents"})
             raise Refused.bad_request(err) from None
@@ -389,8 +436,9 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             statuses = await self.store.record_events(request.events, times, max(timeout, 0.001))
         except RedisError as exc:
             self.metrics.redis_errors.add(1, {"kind": redis_problem(exc)})
-            raise Refused(grpc.StatusCode.UNAVAILABLE,
-                          "velocity store unavailable; retry, events are idempotent") from None
+            raise Refused(
+                grpc.StatusCode.UNAVAILABLE, "velocity store unavailable; retry, events are idempotent"
+            ) from None
         accepted = sum(1 for st in statuses if st == Status.COUNTED)
         return pb.RecordEventsResponse(accepted=accepted, duplicates=len(statuses) - accepted)
 

@@ -35,78 +35,152 @@ def _meta(doc: str, *, secret: bool = False) -> dict[str, Any]:
 class Settings:
     """Effective configuration of one gate process. Field ``x`` is env ``GATE_X``, flag ``--x``."""
 
-    listen: str = field(default="127.0.0.1:50051", metadata=_meta(
-        "host:port the RefundGate gRPC service binds."))
-    workers: int = field(default=1, metadata=_meta(
-        "Server processes sharing the port through SO_REUSEPORT (1 = this process only)."))
-    event_loop: str = field(default="uvloop", metadata=_meta(
-        "Event loop of each worker: 'uvloop' (libuv, in C: about a tenth less CPU per call than "
-        "asyncio's own loop, docs/BENCHMARKS.md) or 'asyncio'."))
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_meta(
-        "Redis holding the velocity counters and stored replies (redis://[:password@]host:port/db).",
-        secret=True))
-    redis_connect_timeout_ms: float = field(default=200.0, metadata=_meta(
-        "Time allowed to open a Redis connection; off the hot path, in the background."))
-    model_dir: Path = field(default=DEFAULT_MODEL_DIR, metadata=_meta(
-        "Directory with 'current' (and optionally 'shadow'): symlinks or directories holding "
-        "model bundles, watched and hot-reloaded; or a single bundle directory."))
-    model_poll_s: float = field(default=1.0, metadata=_meta(
-        "How often the model directory is checked for a new bundle."))
-    budget_ms: float = field(default=25.0, metadata=_meta(
-        "Time one Check may take end to end, unless the caller's deadline is shorter."))
-    deadline_margin_ms: float = field(default=2.0, metadata=_meta(
-        "Kept back from the caller's deadline for the response to travel back."))
-    score_reserve_ms: float = field(default=3.0, metadata=_meta(
-        "Kept back from the budget for scoring, policy and the response after Redis; it also "
-        "covers the event loop's ~1 ms timer granularity and the gRPC work outside the handler."))
-    breaker_failures: int = field(default=5, metadata=_meta(
-        "Consecutive Redis failures that open the circuit breaker (then Checks skip Redis)."))
-    allow_client_time: bool = field(default=False, metadata=_meta(
-        "Trust requested_at/occurred_at far from the server clock (replays, backfills, simulations)."))
-    clock_skew_s: float = field(default=300.0, metadata=_meta(
-        "Largest distance between a client timestamp and the server clock when not trusted."))
-    id_hash_key: str = field(default=DEV_ID_KEY, metadata=_meta(
-        "Secret key for the keyed hash of ids in Redis keys; the default is a documented dev key.",
-        secret=True))
-    key_prefix: str = field(default="rg", metadata=_meta(
-        "Prefix of every Redis key, so several gates can share one Redis."))
-    replay_ttl_s: int = field(default=8 * 86400, metadata=_meta(
-        "How long a decision is kept for retries with the same refund_id (idempotency horizon)."))
-    degraded_approve_below_minor: int = field(default=5000, metadata=_meta(
-        "Degraded policy: without velocity features, APPROVE only below this refund amount."))
-    max_concurrency: int = field(default=64, metadata=_meta(
-        "Calls held per process, counting those still queued inside gRPC core, at which every "
-        "new Check and RecordEvents is answered RESOURCE_EXHAUSTED at once (once they have "
-        "stood admission_window_ms); also the most Checks running at once. Throughput peaks at "
-        "8-32 in flight per process; more only queues, ~1-2 ms per call held."))
-    shed_start: int = field(default=32, metadata=_meta(
-        "Calls held per process past which a share of new Checks and RecordEvents, rising "
-        "linearly to all at max_concurrency, is answered RESOURCE_EXHAUSTED at once, once the "
-        "backlog has stood admission_window_ms (capped at max_concurrency)."))
-    admission_window_ms: float = field(default=60.0, metadata=_meta(
-        "Calls held count against shed_start only once they have stood this long (the fewest "
-        "over the window): a burst that drains faster is served whole."))
-    admission_sample_ms: float = field(default=10.0, metadata=_meta(
-        "How often the calls held are read from gRPC core's counters while between shed_start "
-        "and max_concurrency (5x less often below, 2x above; only while calls arrive). A read "
-        "is channelz rendering JSON under the GIL, 0.1-1 ms."))
-    max_message_bytes: int = field(default=64 * 1024, metadata=_meta(
-        "Largest request message accepted."))
-    max_events_per_call: int = field(default=1000, metadata=_meta(
-        "Largest RecordEvents batch."))
-    telemetry: bool = field(default=True, metadata=_meta(
-        "Traces and metrics (exported only as OTEL_* configures). Off only to measure their cost."))
-    admin_listen: str = field(default="127.0.0.1:9464", metadata=_meta(
-        "host:port of the admin HTTP endpoint (Prometheus /metrics); empty disables it. With "
-        "several workers, worker i listens on port + i."))
-    decision_log: bool = field(default=True, metadata=_meta(
-        "Append every decision to the Redis Stream '<key_prefix>:decisions' (off the hot path)."))
-    decision_log_maxlen: int = field(default=1_000_000, metadata=_meta(
-        "Approximate cap of the decision stream's length."))
-    decision_log_queue: int = field(default=10_000, metadata=_meta(
-        "Decisions waiting to be written; beyond it they are dropped and counted."))
-    grace_s: float = field(default=5.0, metadata=_meta(
-        "On SIGTERM: time given to in-flight calls before the server stops."))
+    listen: str = field(
+        default="127.0.0.1:50051", metadata=_meta("host:port the RefundGate gRPC service binds.")
+    )
+    workers: int = field(
+        default=1,
+        metadata=_meta("Server processes sharing the port through SO_REUSEPORT (1 = this process only)."),
+    )
+    event_loop: str = field(
+        default="uvloop",
+        metadata=_meta(
+            "Event loop of each worker: 'uvloop' (libuv, in C: about a tenth less CPU per call than "
+            "asyncio's own loop, docs/BENCHMARKS.md) or 'asyncio'."
+        ),
+    )
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata=_meta(
+            "Redis holding the velocity counters and stored replies (redis://[:password@]host:port/db).",
+            secret=True,
+        ),
+    )
+    redis_connect_timeout_ms: float = field(
+        default=200.0,
+        metadata=_meta("Time allowed to open a Redis connection; off the hot path, in the background."),
+    )
+    model_dir: Path = field(
+        default=DEFAULT_MODEL_DIR,
+        metadata=_meta(
+            "Directory with 'current' (and optionally 'shadow'): symlinks or directories holding "
+            "model bundles, watched and hot-reloaded; or a single bundle directory."
+        ),
+    )
+    model_poll_s: float = field(
+        default=1.0, metadata=_meta("How often the model directory is checked for a new bundle.")
+    )
+    budget_ms: float = field(
+        default=25.0,
+        metadata=_meta("Time one Check may take end to end, unless the caller's deadline is shorter."),
+    )
+    deadline_margin_ms: float = field(
+        default=2.0, metadata=_meta("Kept back from the caller's deadline for the response to travel back.")
+    )
+    score_reserve_ms: float = field(
+        default=3.0,
+        metadata=_meta(
+            "Kept back from the budget for scoring, policy and the response after Redis; it also "
+            "covers the event loop's ~1 ms timer granularity and the gRPC work outside the handler."
+        ),
+    )
+    breaker_failures: int = field(
+        default=5,
+        metadata=_meta("Consecutive Redis failures that open the circuit breaker (then Checks skip Redis)."),
+    )
+    allow_client_time: bool = field(
+        default=False,
+        metadata=_meta(
+            "Trust requested_at/occurred_at far from the server clock (replays, backfills, simulations)."
+        ),
+    )
+    clock_skew_s: float = field(
+        default=300.0,
+        metadata=_meta("Largest distance between a client timestamp and the server clock when not trusted."),
+    )
+    id_hash_key: str = field(
+        default=DEV_ID_KEY,
+        metadata=_meta(
+            "Secret key for the keyed hash of ids in Redis keys; the default is a documented dev key.",
+            secret=True,
+        ),
+    )
+    key_prefix: str = field(
+        default="rg", metadata=_meta("Prefix of every Redis key, so several gates can share one Redis.")
+    )
+    replay_ttl_s: int = field(
+        default=8 * 86400,
+        metadata=_meta(
+            "How long a decision is kept for retries with the same refund_id (idempotency horizon)."
+        ),
+    )
+    degraded_approve_below_minor: int = field(
+        default=5000,
+        metadata=_meta("Degraded policy: without velocity features, APPROVE only below this refund amount."),
+    )
+    max_concurrency: int = field(
+        default=64,
+        metadata=_meta(
+            "Calls held per process, counting those still queued inside gRPC core, at which every "
+            "new Check and RecordEvents is answered RESOURCE_EXHAUSTED at once (once they have "
+            "stood admission_window_ms); also the most Checks running at once. Throughput peaks at "
+            "8-32 in flight per process; more only queues, ~1-2 ms per call held."
+        ),
+    )
+    shed_start: int = field(
+        default=32,
+        metadata=_meta(
+            "Calls held per process past which a share of new Checks and RecordEvents, rising "
+            "linearly to all at max_concurrency, is answered RESOURCE_EXHAUSTED at once, once the "
+            "backlog has stood admission_window_ms (capped at max_concurrency)."
+        ),
+    )
+    admission_window_ms: float = field(
+        default=60.0,
+        metadata=_meta(
+            "Calls held count against shed_start only once they have stood this long (the fewest "
+            "over the window): a burst that drains faster is served whole."
+        ),
+    )
+    admission_sample_ms: float = field(
+        default=10.0,
+        metadata=_meta(
+            "How often the calls held are read from gRPC core's counters while between shed_start "
+            "and max_concurrency (5x less often below, 2x above; only while calls arrive). A read "
+            "is channelz rendering JSON under the GIL, 0.1-1 ms."
+        ),
+    )
+    max_message_bytes: int = field(default=64 * 1024, metadata=_meta("Largest request message accepted."))
+    max_events_per_call: int = field(default=1000, metadata=_meta("Largest RecordEvents batch."))
+    telemetry: bool = field(
+        default=True,
+        metadata=_meta(
+            "Traces and metrics (exported only as OTEL_* configures). Off only to measure their cost."
+        ),
+    )
+    admin_listen: str = field(
+        default="127.0.0.1:9464",
+        metadata=_meta(
+            "host:port of the admin HTTP endpoint (Prometheus /metrics); empty disables it. With "
+            "several workers, worker i listens on port + i."
+        ),
+    )
+    decision_log: bool = field(
+        default=True,
+        metadata=_meta(
+            "Append every decision to the Redis Stream '<key_prefix>:decisions' (off the hot path)."
+        ),
+    )
+    decision_log_maxlen: int = field(
+        default=1_000_000, metadata=_meta("Approximate cap of the decision stream's length.")
+    )
+    decision_log_queue: int = field(
+        default=10_000,
+        metadata=_meta("Decisions waiting to be written; beyond it they are dropped and counted."),
+    )
+    grace_s: float = field(
+        default=5.0, metadata=_meta("On SIGTERM: time given to in-flight calls before the server stops.")
+    )
     log_level: str = field(default="INFO", metadata=_meta("Log level of the gate's JSON logs."))
 
     @classmethod

@@ -42,18 +42,45 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT_RATIO = 0.01
 # Seconds; fine below the millisecond budget, coarse above it.
-LATENCY_BUCKETS = (0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
-                   0.015, 0.02, 0.025, 0.03, 0.05, 0.1, 0.25, 1.0)
+LATENCY_BUCKETS = (
+    0.0002,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
 # Server-side codes that mean the server failed (OpenTelemetry RPC conventions); the others
 # (INVALID_ARGUMENT, ALREADY_EXISTS, ...) are the caller's business and leave the span unset.
-_SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
-                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
-                            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 def _otlp_configured(signal: str) -> bool:
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +104,14 @@ class Instruments:
 class Telemetry:
     """Tracer, meter and instruments of one gate process."""
 
-    def __init__(self, *, service_name: str = "refund-gate", prometheus: bool = True,
-                 metric_readers: tuple[MetricReader, ...] = (), enabled: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        service_name: str = "refund-gate",
+        prometheus: bool = True,
+        metric_readers: tuple[MetricReader, ...] = (),
+        enabled: bool = True,
+    ) -> None:
         self.enabled = enabled
         if not enabled:  # no-op API objects: what the hot path costs without telemetry
             self.tracer_provider: TracerProvider | None = None
@@ -87,8 +120,7 @@ class Telemetry:
             self.meter: Meter = NoOpMeter("gate")
             self.m = _instruments(self.meter)
             return
-        resource = Resource.create(
-            {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
         if _otlp_configured("TRACES"):
             self.tracer_provider = _tracer_provider(resource)
             self.tracer = self.tracer_provider.get_tracer("gate")
@@ -105,9 +137,14 @@ class Telemetry:
 
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         self.meter_provider = MeterProvider(
-            resource=resource, metric_readers=readers,
-            views=[View(instrument_type=Histogram,
-                        aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS))])
+            resource=resource,
+            metric_readers=readers,
+            views=[
+                View(
+                    instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS)
+                )
+            ],
+        )
         self.meter = self.meter_provider.get_meter("gate")
         self.m = _instruments(self.meter)
         _announce_series(self.m)
@@ -124,12 +161,16 @@ class Telemetry:
             return
         service, _, method = full_method.lstrip("/").partition("/")
         span = self.tracer.start_span(
-            full_method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+            full_method.lstrip("/"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        )
         code = grpc.StatusCode.OK
         try:
-            with trace.use_span(span, end_on_exit=False, record_exception=False,
-                                set_status_on_exception=False):
+            with trace.use_span(
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
                 yield span
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
@@ -182,34 +223,49 @@ def _trace_headers(metadata: Any) -> dict[str, str] | None:
 def _instruments(meter: Meter) -> Instruments:
     return Instruments(
         check_duration=meter.create_histogram(
-            "refundgate.check.duration", unit="s",
-            description="Check latency inside the gate, by decision (or error code)"),
+            "refundgate.check.duration",
+            unit="s",
+            description="Check latency inside the gate, by decision (or error code)",
+        ),
         events_duration=meter.create_histogram(
-            "refundgate.record_events.duration", unit="s",
-            description="RecordEvents latency inside the gate, by outcome (OK or error code)"),
+            "refundgate.record_events.duration",
+            unit="s",
+            description="RecordEvents latency inside the gate, by outcome (OK or error code)",
+        ),
         stage_duration=meter.create_histogram(
-            "refundgate.stage.duration", unit="s",
-            description="Latency of one Check step: velocity, score, policy"),
+            "refundgate.stage.duration",
+            unit="s",
+            description="Latency of one Check step: velocity, score, policy",
+        ),
         decisions=meter.create_counter(
-            "refundgate.decisions", description="Decisions by outcome, model version, degraded"),
+            "refundgate.decisions", description="Decisions by outcome, model version, degraded"
+        ),
         redis_errors=meter.create_counter(
-            "refundgate.redis.errors", description="Velocity store failures by kind"),
+            "refundgate.redis.errors", description="Velocity store failures by kind"
+        ),
         breaker_opens=meter.create_counter(
-            "refundgate.breaker.opens", description="Times the velocity store's breaker opened"),
+            "refundgate.breaker.opens", description="Times the velocity store's breaker opened"
+        ),
         shed=meter.create_counter(
-            "refundgate.shed", description="Calls refused with RESOURCE_EXHAUSTED (overload)"),
+            "refundgate.shed", description="Calls refused with RESOURCE_EXHAUSTED (overload)"
+        ),
         invalid=meter.create_counter(
-            "refundgate.invalid_requests", description="INVALID_ARGUMENT answers by method"),
+            "refundgate.invalid_requests", description="INVALID_ARGUMENT answers by method"
+        ),
         replays=meter.create_counter(
-            "refundgate.replays", description="Retries answered from the stored decision"),
+            "refundgate.replays", description="Retries answered from the stored decision"
+        ),
         model_loads=meter.create_counter(
-            "refundgate.model.loads", description="Model bundle loads by result (loaded, refused)"),
+            "refundgate.model.loads", description="Model bundle loads by result (loaded, refused)"
+        ),
         shadow=meter.create_counter(
             "refundgate.shadow.decisions",
-            description="Shadow model verdicts by shadow version and agreement with the live one"),
+            description="Shadow model verdicts by shadow version and agreement with the live one",
+        ),
         decision_log_dropped=meter.create_counter(
             "refundgate.decision_log.dropped",
-            description="Decisions not written to the decision log (queue full or Redis down)"),
+            description="Decisions not written to the decision log (queue full or Redis down)",
+        ),
     )
 
 
@@ -233,8 +289,11 @@ def observe_breaker(meter: Meter, is_open: Any) -> None:
     def read(_: CallbackOptions) -> list[Observation]:
         return [Observation(1 if is_open() else 0)]
 
-    meter.create_observable_gauge("refundgate.breaker.open", callbacks=[read],
-                                  description="1 while the velocity store's breaker is open")
+    meter.create_observable_gauge(
+        "refundgate.breaker.open",
+        callbacks=[read],
+        description="1 while the velocity store's breaker is open",
+    )
 
 
 def start_prometheus_server(address: str) -> Any:

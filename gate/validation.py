@@ -101,8 +101,12 @@ class _Checker:
         return True
 
     def client_time(
-        self, name: str, msg: pb.CheckRequest | pb.Event, now_s: float,
-        allow_client_time: bool, skew_s: float,
+        self,
+        name: str,
+        msg: pb.CheckRequest | pb.Event,
+        now_s: float,
+        allow_client_time: bool,
+        skew_s: float,
     ) -> float:
         """The effective time of the request: the client's if valid, else the server clock."""
         if not msg.HasField(name):  # type: ignore[arg-type]
@@ -133,9 +137,7 @@ class _Checker:
             self.bad(name, "must be a valid IPv4 or IPv6 address")
 
 
-def validate_check(
-    req: pb.CheckRequest, *, now_s: float, allow_client_time: bool, skew_s: float
-) -> float:
+def validate_check(req: pb.CheckRequest, *, now_s: float, allow_client_time: bool, skew_s: float) -> float:
     """Check a CheckRequest against the contract; return its effective request time (epoch s).
 
     Raises ValidationError listing every violated field.
@@ -149,19 +151,22 @@ def validate_check(
     c.positive("order_amount_minor", req.order_amount_minor)
     c.currency("currency", req.currency)
     c.enum("reason", req.reason, _REASONS, "must be a RefundReason other than UNSPECIFIED")
-    c.enum("item_category", req.item_category, _CATEGORIES,
-           "must be an ItemCategory other than UNSPECIFIED")
+    c.enum("item_category", req.item_category, _CATEGORIES, "must be an ItemCategory other than UNSPECIFIED")
     c.enum("delivery_status", req.delivery_status, _DELIVERY, "must be a known DeliveryStatus")
     c.enum("payment_method", req.payment_method, _PAYMENT, "must be a known PaymentMethod")
     requested_at = c.client_time("requested_at", req, now_s, allow_client_time, skew_s)
     if not req.HasField("order_created_at"):
         c.bad("order_created_at", "is required")
-    elif (c.timestamp("order_created_at", req.order_created_at)
-          and _ts_seconds(req.order_created_at) > requested_at):
+    elif (
+        c.timestamp("order_created_at", req.order_created_at)
+        and _ts_seconds(req.order_created_at) > requested_at
+    ):
         c.bad("order_created_at", "must not be after requested_at")
-    if req.HasField("account_created_at") and c.timestamp(
-        "account_created_at", req.account_created_at
-    ) and _ts_seconds(req.account_created_at) > requested_at:
+    if (
+        req.HasField("account_created_at")
+        and c.timestamp("account_created_at", req.account_created_at)
+        and _ts_seconds(req.account_created_at) > requested_at
+    ):
         c.bad("account_created_at", "must not be after requested_at")
     c.ident("device_id", req.device_id, required=False)
     c.ip("ip", req.ip)
@@ -172,7 +177,11 @@ def validate_check(
 
 
 def validate_events(
-    req: pb.RecordEventsRequest, *, now_s: float, allow_client_time: bool, skew_s: float,
+    req: pb.RecordEventsRequest,
+    *,
+    now_s: float,
+    allow_client_time: bool,
+    skew_s: float,
     max_events: int,
 ) -> list[float]:
     """Check every event of a RecordEvents batch; return each event's effective time.
@@ -203,16 +212,19 @@ def validate_events(
         if ev.type == pb.EVENT_TYPE_ORDER_PLACED:
             c.positive("amount_minor", ev.amount_minor)
             c.currency("currency", ev.currency)
-            c.enum("item_category", ev.item_category, _CATEGORIES,
-                   "must be an ItemCategory other than UNSPECIFIED")
+            c.enum(
+                "item_category",
+                ev.item_category,
+                _CATEGORIES,
+                "must be an ItemCategory other than UNSPECIFIED",
+            )
             c.enum("payment_method", ev.payment_method, _PAYMENT, "must be a known PaymentMethod")
         elif ev.amount_minor < 0:
             c.bad("amount_minor", "must not be negative")
         if ev.type == pb.EVENT_TYPE_REFUND_OUTCOME:
             c.ident("account_id", ev.account_id, required=True)
             c.refund_id("refund_id", ev.refund_id)
-            c.enum("outcome", ev.outcome, _OUTCOMES,
-                   "must be a RefundOutcome other than UNSPECIFIED")
+            c.enum("outcome", ev.outcome, _OUTCOMES, "must be a RefundOutcome other than UNSPECIFIED")
         if ev.HasField("account_created_at"):
             c.timestamp("account_created_at", ev.account_created_at)
         c.ident("device_id", ev.device_id, required=False)

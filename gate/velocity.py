@@ -50,18 +50,39 @@ from gate.redisclient import Command, RedisConnection, RedisError, RedisReplyErr
 from refundgate.v1 import refund_gate_pb2 as pb
 
 ACCOUNT_FIELDS = (
-    "refunds_1h", "refunds_24h", "refunds_7d", "refunds_30d", "amount_30d", "inr_30d",
-    "inr_delivered_30d", "digital_quick_7d", "cm_unreturned_30d", "orders_30d", "ips_24h",
-    "cities_24h", "devices_30d", "abuse_90d", "pair_refunds_30d", "pair_orders_30d",
-    "order_refunds", "order_amount", "order_delivered",
+    "refunds_1h",
+    "refunds_24h",
+    "refunds_7d",
+    "refunds_30d",
+    "amount_30d",
+    "inr_30d",
+    "inr_delivered_30d",
+    "digital_quick_7d",
+    "cm_unreturned_30d",
+    "orders_30d",
+    "ips_24h",
+    "cities_24h",
+    "devices_30d",
+    "abuse_90d",
+    "pair_refunds_30d",
+    "pair_orders_30d",
+    "order_refunds",
+    "order_amount",
+    "order_delivered",
 )
 ENTITY_FIELDS = ("accounts_24h", "accounts_7d", "refunds_1h", "refunds_24h")
 MERCHANT_FIELDS = (
-    "refunds_1h", "refunds_24h", "refunds_7d", "digital_quick_24h", "bnpl_refunds_7d",
-    "orders_7d", "bnpl_orders_7d",
+    "refunds_1h",
+    "refunds_24h",
+    "refunds_7d",
+    "digital_quick_24h",
+    "bnpl_refunds_7d",
+    "orders_7d",
+    "bnpl_orders_7d",
 )
-BAD_OUTCOMES = frozenset({pb.REFUND_OUTCOME_CONFIRMED_ABUSE, pb.REFUND_OUTCOME_CHARGEBACK,
-                          pb.REFUND_OUTCOME_REVIEW_REJECTED})
+BAD_OUTCOMES = frozenset(
+    {pb.REFUND_OUTCOME_CONFIRMED_ABUSE, pb.REFUND_OUTCOME_CHARGEBACK, pb.REFUND_OUTCOME_REVIEW_REJECTED}
+)
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -243,12 +264,28 @@ class RefundFacts:
         init = object.__setattr__
         init(self, "marker", REPLY_MAGIC + self.fingerprint)
         init(self, "tag", tag)
-        init(self, "account_record", ACCOUNT_RECORD.pack(
-            REFUND, id32(self.refund), tag, self.at_ms, self.amount, self.flags,
-            id32(self.merchant), id32(self.order), id32(self.ip), id32(self.city),
-            id32(self.device)))
-        init(self, "entity_record", ENTITY_RECORD.pack(REFUND, id32(self.refund), tag,
-                                                       self.at_ms, id32(self.account)))
+        init(
+            self,
+            "account_record",
+            ACCOUNT_RECORD.pack(
+                REFUND,
+                id32(self.refund),
+                tag,
+                self.at_ms,
+                self.amount,
+                self.flags,
+                id32(self.merchant),
+                id32(self.order),
+                id32(self.ip),
+                id32(self.city),
+                id32(self.device),
+            ),
+        )
+        init(
+            self,
+            "entity_record",
+            ENTITY_RECORD.pack(REFUND, id32(self.refund), tag, self.at_ms, id32(self.account)),
+        )
 
 
 @dataclass(slots=True)
@@ -285,8 +322,7 @@ def _records(rec: struct.Struct, logs: Sequence[bytes | None]) -> list[tuple[Any
     return out
 
 
-def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes | None
-                    ) -> dict[str, float]:
+def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes | None) -> dict[str, float]:
     """The account's windows at f.at_ms from its log buckets, this refund included (each refund
     id counts once; a tombstone takes one back)."""
     now = f.at_ms
@@ -352,9 +388,27 @@ def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes |
     abuse_90d = 0
     if abuse:
         abuse_90d = sum(1 for (t,) in ABUSE_RECORD.iter_unpack(abuse) if now - t < 90 * DAY_MS)
-    values = (r1h, r24h, r7d, r30d, amt30, inr, inrd, dq7, cm, o30, len(ips - _NONE),
-              len(cities - _NONE), len(devices - _NONE), abuse_90d, pair_r, pair_o, ord_n,
-              ord_amt, delivered)
+    values = (
+        r1h,
+        r24h,
+        r7d,
+        r30d,
+        amt30,
+        inr,
+        inrd,
+        dq7,
+        cm,
+        o30,
+        len(ips - _NONE),
+        len(cities - _NONE),
+        len(devices - _NONE),
+        abuse_90d,
+        pair_r,
+        pair_o,
+        ord_n,
+        ord_amt,
+        delivered,
+    )
     return dict(zip(ACCOUNT_FIELDS, values, strict=True))
 
 
@@ -398,7 +452,7 @@ def merchant_days(ring: bytes | None, day: int) -> list[tuple[int, ...]]:
     out = []
     for d in range(day, day - MERCHANT_DAYS, -1):
         i = d % MERCHANT_SLOTS * M_SLOT
-        out.append(values[i:i + M_SLOT] if values and values[i + M_DAY] == d else _M_ZERO)
+        out.append(values[i : i + M_SLOT] if values and values[i + M_DAY] == d else _M_ZERO)
     return out
 
 
@@ -415,10 +469,21 @@ def merchant_windows(at_ms: int, ring: bytes | None) -> dict[str, float]:
     def week(i: int) -> float:
         return sum(d[i] for d in days[:7]) + days[7][i] * left_d
 
-    return dict(zip(MERCHANT_FIELDS, (
-        this_hour + last_hour * left_h, days[0][M_REFUNDS] + days[1][M_REFUNDS] * left_d,
-        week(M_REFUNDS), days[0][M_QUICK] + days[1][M_QUICK] * left_d, week(M_BNPL_REFUNDS),
-        week(M_ORDERS), week(M_BNPL_ORDERS)), strict=True))
+    return dict(
+        zip(
+            MERCHANT_FIELDS,
+            (
+                this_hour + last_hour * left_h,
+                days[0][M_REFUNDS] + days[1][M_REFUNDS] * left_d,
+                week(M_REFUNDS),
+                days[0][M_QUICK] + days[1][M_QUICK] * left_d,
+                week(M_BNPL_REFUNDS),
+                week(M_ORDERS),
+                week(M_BNPL_ORDERS),
+            ),
+            strict=True,
+        )
+    )
 
 
 def _ring_args(at_ms: int, counters: Sequence[int]) -> list[Any]:
@@ -431,8 +496,15 @@ def _ring_args(at_ms: int, counters: Sequence[int]) -> list[Any]:
 class VelocityStore:
     """Records refunds and events and reads their windows, one pipelined round trip each."""
 
-    def __init__(self, conn: RedisConnection, *, prefix: str, hasher: IdHasher,
-                 replay_ttl_s: int, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(
+        self,
+        conn: RedisConnection,
+        *,
+        prefix: str,
+        hasher: IdHasher,
+        replay_ttl_s: int,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.conn = conn
         self.keys = Keys(prefix)
         self.hash = hasher
@@ -456,40 +528,85 @@ class VelocityStore:
             fingerprint=fingerprint(req),
         )
 
-    def _log_commands(self, kind: str, h: str, head: Sequence[str], record: bytes,
-                      span_ms: int, buckets: int, cap: int, at_ms: int) -> tuple[Command, Command]:
+    def _log_commands(
+        self,
+        kind: str,
+        h: str,
+        head: Sequence[str],
+        record: bytes,
+        span_ms: int,
+        buckets: int,
+        cap: int,
+        at_ms: int,
+    ) -> tuple[Command, Command]:
         """Read an entity's ``head`` keys and log buckets (current first), then append
         ``record`` to the current bucket unless its refund is already there."""
         bucket = at_ms // span_ms
         logs = [self.keys.log(kind, h, b) for b in range(bucket, bucket - buckets, -1)]
-        return (("MGET", *head, *logs),
-                ("EVALSHA", LOG_SCRIPT.sha, 1, logs[0], "r", record,
-                 _bucket_ttl(at_ms, span_ms, buckets), cap))
+        return (
+            ("MGET", *head, *logs),
+            ("EVALSHA", LOG_SCRIPT.sha, 1, logs[0], "r", record, _bucket_ttl(at_ms, span_ms, buckets), cap),
+        )
 
     def _account_commands(self, f: RefundFacts) -> tuple[Command, Command]:
         k = self.keys
-        return self._log_commands("a", f.account,
-                                  (k.blocklist("a", f.account), k.abuse(f.account)),
-                                  f.account_record, ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS,
-                                  ACCOUNT_CAP, f.at_ms)
+        return self._log_commands(
+            "a",
+            f.account,
+            (k.blocklist("a", f.account), k.abuse(f.account)),
+            f.account_record,
+            ACCOUNT_BUCKET_MS,
+            ACCOUNT_BUCKETS,
+            ACCOUNT_CAP,
+            f.at_ms,
+        )
 
     def _entity_commands(self, kind: str, h: str, f: RefundFacts) -> tuple[Command, Command]:
-        return self._log_commands(kind, h, (self.keys.blocklist(kind, h),), f.entity_record,
-                                  ENTITY_BUCKET_MS, ENTITY_BUCKETS, ENTITY_CAP, f.at_ms)
+        return self._log_commands(
+            kind,
+            h,
+            (self.keys.blocklist(kind, h),),
+            f.entity_record,
+            ENTITY_BUCKET_MS,
+            ENTITY_BUCKETS,
+            ENTITY_CAP,
+            f.at_ms,
+        )
 
     def _append_command(self, kind: str, h: str, record: bytes, at_ms: int) -> Command:
         """Append one record to the current bucket of an account, device or IP log."""
-        span, buckets, cap = ((ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS, ACCOUNT_CAP) if kind == "a"
-                              else (ENTITY_BUCKET_MS, ENTITY_BUCKETS, ENTITY_CAP))
-        return ("EVALSHA", LOG_SCRIPT.sha, 1, self.keys.log(kind, h, at_ms // span), "a", record,
-                _bucket_ttl(at_ms, span, buckets), cap)
+        span, buckets, cap = (
+            (ACCOUNT_BUCKET_MS, ACCOUNT_BUCKETS, ACCOUNT_CAP)
+            if kind == "a"
+            else (ENTITY_BUCKET_MS, ENTITY_BUCKETS, ENTITY_CAP)
+        )
+        return (
+            "EVALSHA",
+            LOG_SCRIPT.sha,
+            1,
+            self.keys.log(kind, h, at_ms // span),
+            "a",
+            record,
+            _bucket_ttl(at_ms, span, buckets),
+            cap,
+        )
 
-    def _merchant_command(self, op: str, merchant: str, dedup: str, at_ms: int,
-                          counters: Sequence[int]) -> Command:
+    def _merchant_command(
+        self, op: str, merchant: str, dedup: str, at_ms: int, counters: Sequence[int]
+    ) -> Command:
         """Count a refund or an order ('c') or take a refund back ('u') in a merchant's ring,
         once per ``dedup`` key."""
-        return ("EVALSHA", MERCHANT_SCRIPT.sha, 2, dedup, self.keys.ring(merchant), op,
-                self.replay_ttl_ms, MERCHANT_TTL_MS, *_ring_args(at_ms, counters))
+        return (
+            "EVALSHA",
+            MERCHANT_SCRIPT.sha,
+            2,
+            dedup,
+            self.keys.ring(merchant),
+            op,
+            self.replay_ttl_ms,
+            MERCHANT_TTL_MS,
+            *_ring_args(at_ms, counters),
+        )
 
     def _merchant_refund_command(self, f: RefundFacts, op: str = "c") -> Command:
         count = [M_REFUNDS, M_HOURS + f.at_ms % DAY_MS // HOUR_MS]
@@ -497,30 +614,28 @@ class VelocityStore:
             count.append(M_QUICK)
         if f.flags & F_BNPL:
             count.append(M_BNPL_REFUNDS)
-        return self._merchant_command(op, f.merchant,
-                                      self.keys.merchant_refund(f.merchant, f.refund), f.at_ms,
-                                      count)
+        return self._merchant_command(
+            op, f.merchant, self.keys.merchant_refund(f.merchant, f.refund), f.at_ms, count
+        )
 
     async def record_and_read(self, f: RefundFacts, timeout_s: float) -> CheckVelocity:
         """Record one refund request and read every window, in one round trip.
 
         Raises RedisError (timeout, connection down) when nothing usable came back.
         """
-        named: list[tuple[Source, tuple[Command, Command]]] = [
-            ("account", self._account_commands(f))]
+        named: list[tuple[Source, tuple[Command, Command]]] = [("account", self._account_commands(f))]
         if f.device:
             named.append(("device", self._entity_commands("d", f.device, f)))
         if f.ip:
             named.append(("ip", self._entity_commands("i", f.ip, f)))
-        named.append(("merchant", (self._merchant_refund_command(f),
-                                   ("GET", self.keys.ring(f.merchant)))))
-        refund_key = ("SET", self.keys.refund(f.refund), f.marker, "NX", "GET", "PX",
-                      self.replay_ttl_ms)
-        replies = await self._guarded(
-            [refund_key, *(cmd for _, pair in named for cmd in pair)], timeout_s)
-        result = CheckVelocity(stored_reply=None, status=None,
-                               counters={"account": None, "device": None, "ip": None,
-                                         "merchant": None})
+        named.append(("merchant", (self._merchant_refund_command(f), ("GET", self.keys.ring(f.merchant)))))
+        refund_key = ("SET", self.keys.refund(f.refund), f.marker, "NX", "GET", "PX", self.replay_ttl_ms)
+        replies = await self._guarded([refund_key, *(cmd for _, pair in named for cmd in pair)], timeout_s)
+        result = CheckVelocity(
+            stored_reply=None,
+            status=None,
+            counters={"account": None, "device": None, "ip": None, "merchant": None},
+        )
         previous = replies[0]
         if isinstance(previous, hiredis.ReplyError):
             result.failed.append("account")  # no verdict on retries: decide as degraded
@@ -542,8 +657,11 @@ class VelocityStore:
                 counters = merchant_windows(f.at_ms, second)
             else:  # the keys read before the script ran, then whether it appended
                 wrote = second == 1
-                counters = (account_windows(f, first[2:], first[1]) if source == "account"
-                            else entity_windows(f, first[1:]))
+                counters = (
+                    account_windows(f, first[2:], first[1])
+                    if source == "account"
+                    else entity_windows(f, first[1:])
+                )
                 if first[0] is not None:
                     result.blocked.append(source)
             if wrote:
@@ -563,9 +681,11 @@ class VelocityStore:
             tomb = ACCOUNT_RECORD.pack(TOMBSTONE, rid, f.tag, f.at_ms, 0, 0, 0, 0, 0, 0, 0)
             commands.append(self._append_command("a", f.account, tomb, f.at_ms))
         tomb = ENTITY_RECORD.pack(TOMBSTONE, rid, f.tag, f.at_ms, 0)
-        commands += [self._append_command(kind, h, tomb, f.at_ms)
-                     for kind, h, source in (("d", f.device, "device"), ("i", f.ip, "ip"))
-                     if source in sources]
+        commands += [
+            self._append_command(kind, h, tomb, f.at_ms)
+            for kind, h, source in (("d", f.device, "device"), ("i", f.ip, "ip"))
+            if source in sources
+        ]
         if "merchant" in sources:
             commands.append(self._merchant_refund_command(f, op="u"))
         if commands:
@@ -579,8 +699,9 @@ class VelocityStore:
         same decision (same windows, same decision id), so nothing is counted twice.
         """
         try:
-            future = self.conn.send([("SET", self.keys.refund(f.refund), f.marker + response,
-                                      "XX", "KEEPTTL")], urgent=False)
+            future = self.conn.send(
+                [("SET", self.keys.refund(f.refund), f.marker + response, "XX", "KEEPTTL")], urgent=False
+            )
         except RedisError:
             return False
         future.add_done_callback(_consume)
@@ -614,26 +735,48 @@ class VelocityStore:
             device = h("d", ev.device_id) if ev.device_id else ""
             ip = h("i", normalize_ip(ev.ip)) if ev.ip else ""
             city = h("c", ev.geo_city) if ev.geo_city else ""
-            record = ACCOUNT_RECORD.pack(ORDER, id32(eid), 0, now, ev.amount_minor, 0,
-                                         id32(merchant), id32(order), id32(ip), id32(city),
-                                         id32(device))
-            count = [M_ORDERS] + ([M_BNPL_ORDERS] if ev.payment_method == pb.PAYMENT_METHOD_BNPL
-                                  else [])
-            others.append(self._merchant_command("c", merchant, k.event("m", merchant, eid),
-                                                 now, count))
+            record = ACCOUNT_RECORD.pack(
+                ORDER,
+                id32(eid),
+                0,
+                now,
+                ev.amount_minor,
+                0,
+                id32(merchant),
+                id32(order),
+                id32(ip),
+                id32(city),
+                id32(device),
+            )
+            count = [M_ORDERS] + ([M_BNPL_ORDERS] if ev.payment_method == pb.PAYMENT_METHOD_BNPL else [])
+            others.append(self._merchant_command("c", merchant, k.event("m", merchant, eid), now, count))
             seen = ENTITY_RECORD.pack(SEEN, 0, 0, now, id32(account))
-            others.extend(self._append_command(kind, eh, seen, now)
-                          for kind, eh in (("d", device), ("i", ip)) if eh)
+            others.extend(
+                self._append_command(kind, eh, seen, now) for kind, eh in (("d", device), ("i", ip)) if eh
+            )
         elif ev.type == pb.EVENT_TYPE_ORDER_DELIVERED:
-            record = ACCOUNT_RECORD.pack(DELIVERED, id32(eid), 0, now, 0, 0, 0,
-                                         id32(h("o", ev.order_id)), 0, 0, 0)
+            record = ACCOUNT_RECORD.pack(
+                DELIVERED, id32(eid), 0, now, 0, 0, 0, id32(h("o", ev.order_id)), 0, 0, 0
+            )
         elif ev.outcome in BAD_OUTCOMES:
-            record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), k.abuse(account), ABUSE_TTL_MS,
-                                         ABUSE_CAP)
+            record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), k.abuse(account), ABUSE_TTL_MS, ABUSE_CAP)
         else:
             record = b""  # other outcomes only take their event id
-        return [("EVALSHA", LOG_SCRIPT.sha, 2, k.event("a", account, eid), log, "e",
-                 self.replay_ttl_ms, record, log_ttl, cap), *others]
+        return [
+            (
+                "EVALSHA",
+                LOG_SCRIPT.sha,
+                2,
+                k.event("a", account, eid),
+                log,
+                "e",
+                self.replay_ttl_ms,
+                record,
+                log_ttl,
+                cap,
+            ),
+            *others,
+        ]
 
     async def _guarded(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
         """Call through the circuit breaker: refused at once while it is open."""
@@ -657,15 +800,18 @@ class VelocityStore:
         twice. Resending a script is safe: each is idempotent for the same refund or event.
         """
         replies = await self.conn.call(commands, timeout_s)
-        lost = [i for i, r in enumerate(replies)
-                if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
+        lost = [
+            i
+            for i, r in enumerate(replies)
+            if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")
+        ]
         if lost:
-            lost += [i for i in range(lost[0] + 1, len(commands))
-                     if commands[i][0] in _READS and i not in lost]
+            lost += [
+                i for i in range(lost[0] + 1, len(commands)) if commands[i][0] in _READS and i not in lost
+            ]
             lost.sort()
-            again = await self.conn.call([*LOAD_SCRIPTS, *(commands[i] for i in lost)],
-                                         timeout_s)
-            for i, reply in zip(lost, again[len(LOAD_SCRIPTS):], strict=True):
+            again = await self.conn.call([*LOAD_SCRIPTS, *(commands[i] for i in lost)], timeout_s)
+            for i, reply in zip(lost, again[len(LOAD_SCRIPTS) :], strict=True):
                 replies[i] = reply
         return replies
 

@@ -34,28 +34,41 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("refund_velocity", "≥ 3 refund requests by the account in 24 h",
-         lambda c: c("acct_refunds_24h") >= 3),
-    Rule("serial_not_received",
-         "'not received' on an order shown as delivered, and ≥ 2 such claims by the account in 30 d",
-         lambda c: (c("not_received_but_delivered") == 1) & (c("acct_inr_delivered_30d") >= 2)),
-    Rule("digital_quick_refund", "digital goods refunded within 1 h of the purchase",
-         lambda c: c("digital_quick_refund") == 1),
-    Rule("device_accounts", "≥ 4 accounts on the device in 7 d",
-         lambda c: c("dev_accounts_7d") >= 4),
-    Rule("merchant_refund_rate", "merchant refund rate over 7 d > 30 % (at least 10 refunds)",
-         lambda c: (c("m_refund_rate_7d") > 0.3) & (c("m_refunds_7d") >= 10)),
-    Rule("city_hopping", "account seen in ≥ 3 cities in 24 h",
-         lambda c: c("acct_cities_24h") >= 3),
-    Rule("serial_changed_mind",
-         "'changed my mind' without return, and ≥ 3 such refunds by the account in 30 d",
-         lambda c: (c("changed_mind_not_returned") == 1)
-         & (c("acct_changed_mind_unreturned_30d") >= 3)),
-    Rule("bnpl_cashout", "BNPL refund at a merchant refunding > 50 % of its BNPL orders over 7 d",
-         lambda c: (c("payment_method") == pb.PAYMENT_METHOD_BNPL)
-         & (c("m_bnpl_refund_rate_7d") > 0.5)),
-    Rule("prior_abuse", "account with a confirmed abuse, chargeback or rejected refund in 90 d",
-         lambda c: c("acct_abuse_outcomes_90d") >= 1),
+    Rule(
+        "refund_velocity", "≥ 3 refund requests by the account in 24 h", lambda c: c("acct_refunds_24h") >= 3
+    ),
+    Rule(
+        "serial_not_received",
+        "'not received' on an order shown as delivered, and ≥ 2 such claims by the account in 30 d",
+        lambda c: (c("not_received_but_delivered") == 1) & (c("acct_inr_delivered_30d") >= 2),
+    ),
+    Rule(
+        "digital_quick_refund",
+        "digital goods refunded within 1 h of the purchase",
+        lambda c: c("digital_quick_refund") == 1,
+    ),
+    Rule("device_accounts", "≥ 4 accounts on the device in 7 d", lambda c: c("dev_accounts_7d") >= 4),
+    Rule(
+        "merchant_refund_rate",
+        "merchant refund rate over 7 d > 30 % (at least 10 refunds)",
+        lambda c: (c("m_refund_rate_7d") > 0.3) & (c("m_refunds_7d") >= 10),
+    ),
+    Rule("city_hopping", "account seen in ≥ 3 cities in 24 h", lambda c: c("acct_cities_24h") >= 3),
+    Rule(
+        "serial_changed_mind",
+        "'changed my mind' without return, and ≥ 3 such refunds by the account in 30 d",
+        lambda c: (c("changed_mind_not_returned") == 1) & (c("acct_changed_mind_unreturned_30d") >= 3),
+    ),
+    Rule(
+        "bnpl_cashout",
+        "BNPL refund at a merchant refunding > 50 % of its BNPL orders over 7 d",
+        lambda c: (c("payment_method") == pb.PAYMENT_METHOD_BNPL) & (c("m_bnpl_refund_rate_7d") > 0.5),
+    ),
+    Rule(
+        "prior_abuse",
+        "account with a confirmed abuse, chargeback or rejected refund in 90 d",
+        lambda c: c("acct_abuse_outcomes_90d") >= 1,
+    ),
 )
 
 

@@ -50,14 +50,13 @@ class Dataset:
         return len(self.y)
 
 
-async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
-                        id_hash_key: str = "training-key-0123456789") -> Dataset:
+async def build_dataset(
+    records: Iterable[SimRecord], redis_url: str, *, id_hash_key: str = "training-key-0123456789"
+) -> Dataset:
     """Replay ``records`` (time-ordered) through the gate against the Redis at ``redis_url``."""
-    conn = RedisConnection(RedisAddress.from_url(redis_url), connect_timeout_s=5.0,
-                           on_connect=LOAD_SCRIPTS)
+    conn = RedisConnection(RedisAddress.from_url(redis_url), connect_timeout_s=5.0, on_connect=LOAD_SCRIPTS)
     await conn.connect()
-    store = VelocityStore(conn, prefix="train", hasher=IdHasher(id_hash_key),
-                          replay_ttl_s=86400)
+    store = VelocityStore(conn, prefix="train", hasher=IdHasher(id_hash_key), replay_ttl_s=86400)
     rows: list[list[float]] = []
     amounts: list[int] = []
     order_amounts: list[int] = []
@@ -72,8 +71,7 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
     def flush_events() -> None:
         if events:
             batch = pb.RecordEventsRequest(events=events)
-            at = validate_events(batch, now_s=0.0, allow_client_time=True, skew_s=0.0,
-                                 max_events=len(events))
+            at = validate_events(batch, now_s=0.0, allow_client_time=True, skew_s=0.0, max_events=len(events))
             tasks.append(asyncio.ensure_future(store.record_events(batch.events, at, TIMEOUT_S)))
             events.clear()
 
@@ -108,15 +106,24 @@ async def build_dataset(records: Iterable[SimRecord], redis_url: str, *,
             await asyncio.gather(*tasks)
             tasks.clear()
         if n % 100_000 == 0:
-            print(f"  replayed {n:,} records ({len(rows):,} refunds) "
-                  f"in {time.monotonic() - started:.0f} s", file=sys.stderr)
+            print(
+                f"  replayed {n:,} records ({len(rows):,} refunds) in {time.monotonic() - started:.0f} s",
+                file=sys.stderr,
+            )
     flush_events()
     await asyncio.gather(*tasks)
     await conn.close()
-    print(f"  replayed {n:,} records ({len(rows):,} refunds) in "
-          f"{time.monotonic() - started:.0f} s", file=sys.stderr)
-    return Dataset(np.asarray(rows, dtype=np.float64), np.asarray(labels, dtype=np.int8),
-                   np.asarray(scenarios), np.asarray(times),
-                   amount=np.asarray(amounts, dtype=np.int64),
-                   order_amount=np.asarray(order_amounts, dtype=np.int64),
-                   order_asked=np.asarray(asked, dtype=np.int64), records=n)
+    print(
+        f"  replayed {n:,} records ({len(rows):,} refunds) in {time.monotonic() - started:.0f} s",
+        file=sys.stderr,
+    )
+    return Dataset(
+        np.asarray(rows, dtype=np.float64),
+        np.asarray(labels, dtype=np.int8),
+        np.asarray(scenarios),
+        np.asarray(times),
+        amount=np.asarray(amounts, dtype=np.int64),
+        order_amount=np.asarray(order_amounts, dtype=np.int64),
+        order_asked=np.asarray(asked, dtype=np.int64),
+        records=n,
+    )

@@ -106,8 +106,15 @@ class Evaluation:
     details: dict[str, Any]
 
 
-def decide_rows(model: Model, thresholds: policy.Thresholds, data: Dataset, rows: np.ndarray, *,
-                velocity: bool, degraded_policy: policy.DegradedPolicy | None) -> Decisions:
+def decide_rows(
+    model: Model,
+    thresholds: policy.Thresholds,
+    data: Dataset,
+    rows: np.ndarray,
+    *,
+    velocity: bool,
+    degraded_policy: policy.DegradedPolicy | None,
+) -> Decisions:
     """Decide ``rows`` of ``data`` exactly as ``gate.service`` does.
 
     ``velocity=False`` makes every velocity feature NaN and gives the guard rules no order
@@ -126,18 +133,27 @@ def decide_rows(model: Model, thresholds: policy.Thresholds, data: Dataset, rows
             row[VELOCITY_COLUMNS] = math.nan
         score = model.score(row.tolist())
         facts = policy.Facts(
-            amount_minor=int(data.amount[i]), order_amount_minor=int(data.order_amount[i]),
-            order_amount_asked=int(data.order_asked[i]) if velocity else None, blocked=(),
-            degraded=not velocity and degraded_policy is not None)
-        verdict = policy.decide(score, thresholds, facts, degraded_policy or fallback,
-                                explain=partial(_explain, model, by_code, attribution, k))
+            amount_minor=int(data.amount[i]),
+            order_amount_minor=int(data.order_amount[i]),
+            order_amount_asked=int(data.order_asked[i]) if velocity else None,
+            blocked=(),
+            degraded=not velocity and degraded_policy is not None,
+        )
+        verdict = policy.decide(
+            score,
+            thresholds,
+            facts,
+            degraded_policy or fallback,
+            explain=partial(_explain, model, by_code, attribution, k),
+        )
         scores[k], decisions[k] = score, verdict.decision
         reasons.append(verdict.reasons)
     return Decisions(scores, decisions.astype(str), reasons, attribution)
 
 
-def _explain(model: Model, by_code: Callable[[np.ndarray], np.ndarray],
-             store: dict[int, np.ndarray], key: int) -> list[float]:
+def _explain(
+    model: Model, by_code: Callable[[np.ndarray], np.ndarray], store: dict[int, np.ndarray], key: int
+) -> list[float]:
     """The gate's ``explain`` of the row just scored (weights per reason code); its
     per-feature attribution is kept for the report."""
     leaves = model.last_leaves()
@@ -199,7 +215,8 @@ def summarize(y: np.ndarray, scen: np.ndarray, decisions: Decisions) -> dict[str
     legit, abuse = y == 0, y == 1
     flagged, rejected = decisions.flagged, decisions.rejected
     out: dict[str, Any] = {
-        "rows": len(y), "abusive": int(abuse.sum()),
+        "rows": len(y),
+        "abusive": int(abuse.sum()),
         "roc_auc": roc_auc(y, decisions.score),
         "average_precision": average_precision(y, decisions.score),
         "abuse_held_or_rejected": float(flagged[abuse].mean()),
@@ -214,8 +231,11 @@ def summarize(y: np.ndarray, scen: np.ndarray, decisions: Decisions) -> dict[str
         if n:
             k = int(flagged[sel].sum())
             out["by_scenario"][name] = {
-                "rows": n, "held_or_rejected": k / n, "rejected": float(rejected[sel].mean()),
-                "ci95": [round(v, 4) for v in wilson(k, n)]}
+                "rows": n,
+                "held_or_rejected": k / n,
+                "rejected": float(rejected[sel].mean()),
+                "ci95": [round(v, 4) for v in wilson(k, n)],
+            }
     return out
 
 
@@ -252,9 +272,17 @@ def compare_baseline(part: Part, k_chosen: int) -> list[dict[str, Any]]:
         flags = baseline_flags(part, k)
         fpr, recall = float(flags[legit].mean()), float(flags[abuse].mean())
         model_recall, model_fpr = model_at_same_fpr(part, fpr)
-        rows.append({"k": k, "chosen": k == k_chosen, "legit_held": fpr, "baseline_recall": recall,
-                     "model_recall": model_recall, "model_legit_held": model_fpr,
-                     "ratio": model_recall / recall if recall > 0 else math.inf})
+        rows.append(
+            {
+                "k": k,
+                "chosen": k == k_chosen,
+                "legit_held": fpr,
+                "baseline_recall": recall,
+                "model_recall": model_recall,
+                "model_legit_held": model_fpr,
+                "ratio": model_recall / recall if recall > 0 else math.inf,
+            }
+        )
     return rows
 
 
@@ -267,9 +295,11 @@ def reason_table(scenario: np.ndarray, decisions: Decisions) -> dict[str, dict[s
             continue
         first = Counter(decisions.reasons[i][0] for i in sel if decisions.reasons[i])
         anywhere = Counter(code for i in sel for code in decisions.reasons[i])
-        out[name] = {"flagged": len(sel),
-                     "first": [[c, n / len(sel)] for c, n in first.most_common(3)],
-                     "anywhere": [[c, n / len(sel)] for c, n in anywhere.most_common(3)]}
+        out[name] = {
+            "flagged": len(sel),
+            "first": [[c, n / len(sel)] for c, n in first.most_common(3)],
+            "anywhere": [[c, n / len(sel)] for c, n in anywhere.most_common(3)],
+        }
     return out
 
 
@@ -296,25 +326,39 @@ def reason_sources(part: Part, decisions: Decisions) -> list[dict[str, Any]]:
     out = []
     for (code, j), rows in sorted(cited.items(), key=lambda item: -len(item[1])):
         with np.errstate(all="ignore"):
-            out.append({"code": code, "feature": FEATURE_NAMES[j], "cited": len(rows),
-                        "median_cited": float(np.nanmedian(part.X[rows, j])),
-                        "median_legit": float(np.nanmedian(part.X[legit, j]))})
+            out.append(
+                {
+                    "code": code,
+                    "feature": FEATURE_NAMES[j],
+                    "cited": len(rows),
+                    "median_cited": float(np.nanmedian(part.X[rows, j])),
+                    "median_legit": float(np.nanmedian(part.X[legit, j])),
+                }
+            )
     return out
 
 
-def evaluate_part(model: Model, thresholds: policy.Thresholds, data: Dataset, mask: np.ndarray,
-                  degraded_policy: policy.DegradedPolicy) -> Part:
+def evaluate_part(
+    model: Model,
+    thresholds: policy.Thresholds,
+    data: Dataset,
+    mask: np.ndarray,
+    degraded_policy: policy.DegradedPolicy,
+) -> Part:
     """Decide every row of ``mask`` in the three modes and run the baseline rules on them."""
     rows = np.flatnonzero(mask)
     X = data.X[rows]
     degraded_X = X.copy()
     degraded_X[:, VELOCITY_COLUMNS] = math.nan
     return Part(
-        X=X, y=data.y[rows], scenario=data.scenario[rows],
+        X=X,
+        y=data.y[rows],
+        scenario=data.scenario[rows],
         full=decide_rows(model, thresholds, data, rows, velocity=True, degraded_policy=None),
         degraded=decide_rows(model, thresholds, data, rows, velocity=False, degraded_policy=None),
-        degraded_gate=decide_rows(model, thresholds, data, rows, velocity=False,
-                                  degraded_policy=degraded_policy),
+        degraded_gate=decide_rows(
+            model, thresholds, data, rows, velocity=False, degraded_policy=degraded_policy
+        ),
         rules_fired=rule_hits(X).sum(axis=1),
         rules_fired_degraded=rule_hits(degraded_X).sum(axis=1),
         guard=guard_fires(data, rows, velocity=True),
@@ -322,9 +366,17 @@ def evaluate_part(model: Model, thresholds: policy.Thresholds, data: Dataset, ma
     )
 
 
-def evaluate(model: Model, thresholds: policy.Thresholds, data: Dataset, *, valid: np.ndarray,
-             test: np.ndarray, gain: np.ndarray, targets: Targets,
-             degraded_policy: policy.DegradedPolicy) -> Evaluation:
+def evaluate(
+    model: Model,
+    thresholds: policy.Thresholds,
+    data: Dataset,
+    *,
+    valid: np.ndarray,
+    test: np.ndarray,
+    gain: np.ndarray,
+    targets: Targets,
+    degraded_policy: policy.DegradedPolicy,
+) -> Evaluation:
     """Evaluate on the validation and test weeks; the baseline's k is chosen on validation."""
     v = evaluate_part(model, thresholds, data, valid, degraded_policy)
     t = evaluate_part(model, thresholds, data, test, degraded_policy)
@@ -339,24 +391,35 @@ def evaluate(model: Model, thresholds: policy.Thresholds, data: Dataset, *, vali
         "test": summarize(t.y, t.scenario, t.full),
         "test_degraded_model": summarize(t.y, t.scenario, t.degraded),
         "test_degraded_gate": summarize(t.y, t.scenario, t.degraded_gate),
-        "test_at_target": dict(zip(("abuse_held_or_rejected", "legit_held_or_rejected"),
-                                   model_at_same_fpr(t, targets.legit_held), strict=True)),
+        "test_at_target": dict(
+            zip(
+                ("abuse_held_or_rejected", "legit_held_or_rejected"),
+                model_at_same_fpr(t, targets.legit_held),
+                strict=True,
+            )
+        ),
         "baseline": {
             "k_chosen_on_valid": k,
             "test_at_k": chosen,
             "test_any_rule": comparison[0],
             "test_degraded_at_k": {
                 "legit_held": float(baseline_flags(t, k, velocity=False)[legit].mean()),
-                "recall": float(baseline_flags(t, k, velocity=False)[abuse].mean())},
+                "recall": float(baseline_flags(t, k, velocity=False)[abuse].mean()),
+            },
         },
         "reasons_test": reasons,
         "top_reason_test": {name: top_reason(reasons, name) for name in ABUSE_SCENARIOS},
     }
     details = {
         "baseline_by_k": comparison,
-        "rules": {rule.name: {"text": rule.text, "legit_hit": float(hits[legit, j].mean()),
-                              "abuse_hit": float(hits[abuse, j].mean())}
-                  for j, rule in enumerate(RULES)},
+        "rules": {
+            rule.name: {
+                "text": rule.text,
+                "legit_hit": float(hits[legit, j].mean()),
+                "abuse_hit": float(hits[abuse, j].mean()),
+            }
+            for j, rule in enumerate(RULES)
+        },
         "reason_sources": reason_sources(t, t.full),
     }
     return Evaluation(thresholds, targets, t, gain, k, metrics, details)
@@ -369,23 +432,31 @@ def blind_spots(ev: Evaluation) -> list[str]:
     out = []
     abuse = {s: v for s, v in m["test"]["by_scenario"].items() if s in ABUSE_SCENARIOS}
     weakest = min(abuse, key=lambda s: abuse[s]["held_or_rejected"])
-    out.append(f"weakest abuse scenario on the test weeks: {weakest}, "
-               f"{_pct(abuse[weakest]['held_or_rejected'])} held or rejected")
+    out.append(
+        f"weakest abuse scenario on the test weeks: {weakest}, "
+        f"{_pct(abuse[weakest]['held_or_rejected'])} held or rejected"
+    )
     for s, code in m["top_reason_test"].items():
         if code not in SCENARIO_SIGNALS[s]:
-            out.append(f"{s} refunds are most often explained as {code}, not by the scenario's "
-                       f"own signal ({', '.join(sorted(SCENARIO_SIGNALS[s]))})")
+            out.append(
+                f"{s} refunds are most often explained as {code}, not by the scenario's "
+                f"own signal ({', '.join(sorted(SCENARIO_SIGNALS[s]))})"
+            )
     for s, v in m["test"]["by_scenario"].items():
         if s in LEGIT_SCENARIOS and v["held_or_rejected"] > 2 * ev.targets.legit_held:
             code = top_reason(m["reasons_test"], s) or "-"
-            out.append(f"honest {s} refunds: {_pct(v['held_or_rejected'])} held or rejected "
-                       f"(most often for {code}), against {_pct(ev.targets.legit_held)} overall")
+            out.append(
+                f"honest {s} refunds: {_pct(v['held_or_rejected'])} held or rejected "
+                f"(most often for {code}), against {_pct(ev.targets.legit_held)} overall"
+            )
     alone, gate = m["test_degraded_model"], m["test_degraded_gate"]
-    out.append(f"with velocity features missing (Redis down) the model alone catches "
-               f"{_pct(alone['abuse_held_or_rejected'])} of abuse at "
-               f"{_pct(alone['legit_held_or_rejected'], 2)} legitimate held; the gate's degraded "
-               f"policy catches {_pct(gate['abuse_held_or_rejected'])} but holds "
-               f"{_pct(gate['legit_held_or_rejected'])} of legitimate refunds")
+    out.append(
+        f"with velocity features missing (Redis down) the model alone catches "
+        f"{_pct(alone['abuse_held_or_rejected'])} of abuse at "
+        f"{_pct(alone['legit_held_or_rejected'], 2)} legitimate held; the gate's degraded "
+        f"policy catches {_pct(gate['abuse_held_or_rejected'])} but holds "
+        f"{_pct(gate['legit_held_or_rejected'])} of legitimate refunds"
+    )
     return out
 
 
@@ -407,8 +478,10 @@ def _pct(x: float, digits: int = 1) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
     """Markdown table; ``align`` has one letter per column, l or r (default: first l, rest r)."""
     align = align or "l" + "r" * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|",
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -420,25 +493,50 @@ def _plot_curves(ev: Evaluation, out: Path) -> None:
     for label, dec, style in (("model", t.full, "-"), ("model, velocity missing", t.degraded, "--")):
         fpr, tpr, precision = roc_curve(t.y, dec.score)
         ax_pr.plot(tpr, precision, style, label=f"{label} (AP {average_precision(t.y, dec.score):.3f})")
-        ax_roc.plot(np.maximum(fpr, 1e-4), tpr, style,
-                    label=f"{label} (AUC {roc_auc(t.y, dec.score):.4f})")
+        ax_roc.plot(np.maximum(fpr, 1e-4), tpr, style, label=f"{label} (AUC {roc_auc(t.y, dec.score):.4f})")
     legit, abuse = t.y == 0, t.y == 1
-    points = [(baseline_flags(t, k)[legit].mean(), baseline_flags(t, k)[abuse].mean(),
-               baseline_flags(t, k)[abuse].sum() / max(baseline_flags(t, k).sum(), 1), k)
-              for k in range(1, len(RULES) + 1)]
-    ax_roc.plot([max(p[0], 1e-4) for p in points], [p[1] for p in points], "o:", color="grey",
-                label="rules baseline (≥ k rules)")
-    ax_pr.plot([p[1] for p in points], [p[2] for p in points], "o:", color="grey",
-               label="rules baseline (≥ k rules)")
+    points = [
+        (
+            baseline_flags(t, k)[legit].mean(),
+            baseline_flags(t, k)[abuse].mean(),
+            baseline_flags(t, k)[abuse].sum() / max(baseline_flags(t, k).sum(), 1),
+            k,
+        )
+        for k in range(1, len(RULES) + 1)
+    ]
+    ax_roc.plot(
+        [max(p[0], 1e-4) for p in points],
+        [p[1] for p in points],
+        "o:",
+        color="grey",
+        label="rules baseline (≥ k rules)",
+    )
+    ax_pr.plot(
+        [p[1] for p in points], [p[2] for p in points], "o:", color="grey", label="rules baseline (≥ k rules)"
+    )
     op_fpr, op_tpr = t.full.flagged[legit].mean(), t.full.flagged[abuse].mean()
     ax_roc.plot([max(op_fpr, 1e-4)], [op_tpr], "r*", markersize=14, label="shipped hold line")
     ax_roc.axvline(ev.targets.legit_held, color="red", lw=0.8, ls=":")
-    ax_pr.plot([op_tpr], [t.full.flagged[abuse].sum() / max(t.full.flagged.sum(), 1)], "r*",
-               markersize=14, label="shipped hold line")
-    ax_pr.set(xlabel="recall (abusive refunds held or rejected)", ylabel="precision",
-              title="Precision-recall, test weeks", ylim=(0, 1.02))
-    ax_roc.set(xscale="log", xlabel="legitimate refunds held (false-positive rate, log)",
-               ylabel="abusive refunds held (recall)", title="ROC, test weeks", xlim=(1e-4, 1))
+    ax_pr.plot(
+        [op_tpr],
+        [t.full.flagged[abuse].sum() / max(t.full.flagged.sum(), 1)],
+        "r*",
+        markersize=14,
+        label="shipped hold line",
+    )
+    ax_pr.set(
+        xlabel="recall (abusive refunds held or rejected)",
+        ylabel="precision",
+        title="Precision-recall, test weeks",
+        ylim=(0, 1.02),
+    )
+    ax_roc.set(
+        xscale="log",
+        xlabel="legitimate refunds held (false-positive rate, log)",
+        ylabel="abusive refunds held (recall)",
+        title="ROC, test weeks",
+        xlim=(1e-4, 1),
+    )
     for ax in (ax_pr, ax_roc):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
@@ -456,15 +554,20 @@ def _plot_scores(ev: Evaluation, out: Path) -> None:
     fig = _figure(12, 4.2)
     axes = fig.subplots(1, 2, sharey=True)
     bins = np.linspace(-16, 16, 81)
-    for ax, dec, title in ((axes[0], t.full, "all features"),
-                           (axes[1], t.degraded, "velocity features missing (degraded)")):
-        for label, sel, colour in (("legitimate", t.y == 0, "tab:blue"),
-                                   ("abusive", t.y == 1, "tab:red")):
-            ax.hist(_logit(dec.score[sel]), bins=bins, color=colour, alpha=0.55, label=label,
-                    density=True)
+    for ax, dec, title in (
+        (axes[0], t.full, "all features"),
+        (axes[1], t.degraded, "velocity features missing (degraded)"),
+    ):
+        for label, sel, colour in (("legitimate", t.y == 0, "tab:blue"), ("abusive", t.y == 1, "tab:red")):
+            ax.hist(_logit(dec.score[sel]), bins=bins, color=colour, alpha=0.55, label=label, density=True)
         for name, line in (("hold", ev.thresholds.hold), ("reject", ev.thresholds.reject)):
-            ax.axvline(float(_logit(np.array([line]))[0]), color="black",
-                       ls="--" if name == "hold" else "-", lw=1, label=f"{name} line")
+            ax.axvline(
+                float(_logit(np.array([line]))[0]),
+                color="black",
+                ls="--" if name == "hold" else "-",
+                lw=1,
+                label=f"{name} line",
+            )
         ax.set(yscale="log", xlabel="model score, log-odds", title=title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("density (log)")
@@ -479,21 +582,35 @@ def _plot_scenarios(ev: Evaluation, out: Path) -> None:
     ax_a, ax_l = fig.subplots(1, 2)
     abuse = [s for s in ABUSE_SCENARIOS if (t.scenario == s).any()]
     legit = [s for s in LEGIT_SCENARIOS if (t.scenario == s).any()]
-    series = (("model", t.full.flagged, "tab:red"),
-              ("degraded (model alone)", t.degraded.flagged, "tab:orange"),
-              (f"rules baseline (≥ {ev.baseline_k})", baseline_flags(t, ev.baseline_k), "grey"))
+    series = (
+        ("model", t.full.flagged, "tab:red"),
+        ("degraded (model alone)", t.degraded.flagged, "tab:orange"),
+        (f"rules baseline (≥ {ev.baseline_k})", baseline_flags(t, ev.baseline_k), "grey"),
+    )
     width = 0.27
     for j, (label, flags, colour) in enumerate(series):
-        ax_a.bar(np.arange(len(abuse)) + (j - 1) * width,
-                 [flags[t.scenario == s].mean() for s in abuse], width, label=label, color=colour)
-        ax_l.bar(np.arange(len(legit)) + (j - 1) * width,
-                 [100 * flags[t.scenario == s].mean() for s in legit], width, label=label,
-                 color=colour)
+        ax_a.bar(
+            np.arange(len(abuse)) + (j - 1) * width,
+            [flags[t.scenario == s].mean() for s in abuse],
+            width,
+            label=label,
+            color=colour,
+        )
+        ax_l.bar(
+            np.arange(len(legit)) + (j - 1) * width,
+            [100 * flags[t.scenario == s].mean() for s in legit],
+            width,
+            label=label,
+            color=colour,
+        )
     ax_a.set_xticks(range(len(abuse)), abuse, rotation=30, ha="right", fontsize=8)
     ax_a.set(ylim=(0, 1.05), ylabel="held or rejected", title="Abuse scenarios: recall (test)")
     ax_l.set_xticks(range(len(legit)), legit, rotation=30, ha="right", fontsize=8)
-    ax_l.set(yscale="symlog", ylabel="% held or rejected (symlog)",
-             title="Legitimate scenarios: who do we hold? (test)")
+    ax_l.set(
+        yscale="symlog",
+        ylabel="% held or rejected (symlog)",
+        title="Legitimate scenarios: who do we hold? (test)",
+    )
     ax_l.axhline(100 * ev.targets.legit_held, color="red", ls=":", lw=1, label="target")
     for ax in (ax_a, ax_l):
         ax.grid(axis="y", alpha=0.3)
@@ -508,10 +625,15 @@ def _plot_importance(ev: Evaluation, out: Path, top: int = 25) -> None:
     fig = _figure(8, 7)
     ax = fig.subplots()
     colours = ["tab:blue" if FEATURES[i].source == "request" else "tab:green" for i in order]
-    ax.barh([f"{FEATURE_NAMES[i]} ({FEATURES[i].reason})" for i in order],
-            100 * ev.gain[order] / total, color=colours)
-    ax.set(xlabel="% of total split gain (blue: request feature, green: velocity)",
-           title=f"Feature importance (gain), top {top}")
+    ax.barh(
+        [f"{FEATURE_NAMES[i]} ({FEATURES[i].reason})" for i in order],
+        100 * ev.gain[order] / total,
+        color=colours,
+    )
+    ax.set(
+        xlabel="% of total split gain (blue: request feature, green: velocity)",
+        title=f"Feature importance (gain), top {top}",
+    )
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -520,14 +642,25 @@ def _plot_importance(ev: Evaluation, out: Path, top: int = 25) -> None:
 
 def _headline_rows(m: dict[str, Any]) -> list[list[object]]:
     rows: list[list[object]] = []
-    for label, key in (("validation weeks", "valid"), ("test weeks", "test"),
-                       ("test, velocity missing: model alone", "test_degraded_model"),
-                       ("test, velocity missing: gate (degraded policy)", "test_degraded_gate")):
+    for label, key in (
+        ("validation weeks", "valid"),
+        ("test weeks", "test"),
+        ("test, velocity missing: model alone", "test_degraded_model"),
+        ("test, velocity missing: gate (degraded policy)", "test_degraded_gate"),
+    ):
         s = m[key]
-        rows.append([label, f"{s['rows']:,} ({s['abusive']:,})", f"{s['roc_auc']:.4f}",
-                     f"{s['average_precision']:.3f}", _pct(s["abuse_held_or_rejected"]),
-                     _pct(s["abuse_rejected"]), _pct(s["legit_held_or_rejected"], 2),
-                     _pct(s["legit_rejected"], 2)])
+        rows.append(
+            [
+                label,
+                f"{s['rows']:,} ({s['abusive']:,})",
+                f"{s['roc_auc']:.4f}",
+                f"{s['average_precision']:.3f}",
+                _pct(s["abuse_held_or_rejected"]),
+                _pct(s["abuse_rejected"]),
+                _pct(s["legit_held_or_rejected"], 2),
+                _pct(s["legit_rejected"], 2),
+            ]
+        )
     return rows
 
 
@@ -574,15 +707,29 @@ def write_report(ev: Evaluation, out: Path, *, version: str, card: dict[str, Any
         f"the test week's legitimate refunds and {_pct(test['abuse_held_or_rejected'])} of its "
         "abusive ones.",
         "- Goal *at least twice the rules baseline's recall at the same false-positive rate*: "
-        + (f"**{'met' if doubled else 'not met'}** at the baseline's operating point chosen on "
-           f"validation, {at_k['ratio']:.2f}x ({_pct(at_k['model_recall'])} against "
-           f"{_pct(at_k['baseline_recall'])} at {_pct(at_k['legit_held'], 2)} legitimate held); "
-           f"the other way round, the baseline lets {_pct(1 - at_k['baseline_recall'])} of abuse "
-           f"through, the model {_pct(1 - at_k['model_recall'])}."
-           if at_k else "no baseline operating point meets the target."),
+        + (
+            f"**{'met' if doubled else 'not met'}** at the baseline's operating point chosen on "
+            f"validation, {at_k['ratio']:.2f}x ({_pct(at_k['model_recall'])} against "
+            f"{_pct(at_k['baseline_recall'])} at {_pct(at_k['legit_held'], 2)} legitimate held); "
+            f"the other way round, the baseline lets {_pct(1 - at_k['baseline_recall'])} of abuse "
+            f"through, the model {_pct(1 - at_k['model_recall'])}."
+            if at_k
+            else "no baseline operating point meets the target."
+        ),
         "",
-        _table(["rows", "refunds (abusive)", "ROC AUC", "avg precision", "abuse held/rejected",
-                "abuse rejected", "legit held/rejected", "legit rejected"], _headline_rows(m)),
+        _table(
+            [
+                "rows",
+                "refunds (abusive)",
+                "ROC AUC",
+                "avg precision",
+                "abuse held/rejected",
+                "abuse rejected",
+                "legit held/rejected",
+                "legit rejected",
+            ],
+            _headline_rows(m),
+        ),
         "",
         "*Held/rejected* = HOLD_FOR_REVIEW or REJECT. *Velocity missing*: every account, device, "
         "IP and merchant feature NaN (Redis down). *Model alone* judges the score against the same "
@@ -595,28 +742,60 @@ def write_report(ev: Evaluation, out: Path, *, version: str, card: dict[str, Any
         "",
         "## Abuse scenarios: recall at the shipped thresholds (test weeks)",
         "",
-        _table(["scenario", "refunds", "held or rejected [95 % CI]", "rejected",
-                "velocity missing (model)", f"rules baseline (≥ {ev.baseline_k})",
-                "top reason code", "names its signal"],
-               [[s, f"{v['rows']:,}",
-                 f"{_pct(v['held_or_rejected'])} [{_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}]",
-                 _pct(v["rejected"]),
-                 _pct(m["test_degraded_model"]["by_scenario"][s]["held_or_rejected"]),
-                 _pct(baseline_flags(t, ev.baseline_k)[t.scenario == s].mean()),
-                 m["top_reason_test"].get(s) or "-",
-                 "yes" if m["top_reason_test"].get(s) in SCENARIO_SIGNALS[s] else "**no**"]
-                for s, v in m["test"]["by_scenario"].items() if s in ABUSE_SCENARIOS],
-               align="lrrrrrll"),
+        _table(
+            [
+                "scenario",
+                "refunds",
+                "held or rejected [95 % CI]",
+                "rejected",
+                "velocity missing (model)",
+                f"rules baseline (≥ {ev.baseline_k})",
+                "top reason code",
+                "names its signal",
+            ],
+            [
+                [
+                    s,
+                    f"{v['rows']:,}",
+                    f"{_pct(v['held_or_rejected'])} [{_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}]",
+                    _pct(v["rejected"]),
+                    _pct(m["test_degraded_model"]["by_scenario"][s]["held_or_rejected"]),
+                    _pct(baseline_flags(t, ev.baseline_k)[t.scenario == s].mean()),
+                    m["top_reason_test"].get(s) or "-",
+                    "yes" if m["top_reason_test"].get(s) in SCENARIO_SIGNALS[s] else "**no**",
+                ]
+                for s, v in m["test"]["by_scenario"].items()
+                if s in ABUSE_SCENARIOS
+            ],
+            align="lrrrrrll",
+        ),
         "",
         "## Legitimate refunds: which honest customers do we hold? (test weeks)",
         "",
-        _table(["scenario", "refunds", "held or rejected", "rejected", "velocity missing (model)",
-                "velocity missing (gate)", "rules baseline"],
-               [[s, f"{v['rows']:,}", _pct(v["held_or_rejected"], 2), _pct(v["rejected"], 2),
-                 _pct(m["test_degraded_model"]["by_scenario"][s]["held_or_rejected"], 2),
-                 _pct(m["test_degraded_gate"]["by_scenario"][s]["held_or_rejected"], 1),
-                 _pct(baseline_flags(t, ev.baseline_k)[t.scenario == s].mean(), 2)]
-                for s, v in m["test"]["by_scenario"].items() if s in LEGIT_SCENARIOS]),
+        _table(
+            [
+                "scenario",
+                "refunds",
+                "held or rejected",
+                "rejected",
+                "velocity missing (model)",
+                "velocity missing (gate)",
+                "rules baseline",
+            ],
+            [
+                [
+                    s,
+                    f"{v['rows']:,}",
+                    _pct(v["held_or_rejected"], 2),
+                    _pct(v["rejected"], 2),
+                    _pct(m["test_degraded_model"]["by_scenario"][s]["held_or_rejected"], 2),
+                    _pct(m["test_degraded_gate"]["by_scenario"][s]["held_or_rejected"], 1),
+                    _pct(baseline_flags(t, ev.baseline_k)[t.scenario == s].mean(), 2),
+                ]
+                for s, v in m["test"]["by_scenario"].items()
+                if s in LEGIT_SCENARIOS
+            ],
+        ),
         "",
         "![recall and legitimate holds per scenario](scenarios.png)",
         "",
@@ -629,21 +808,38 @@ def write_report(ev: Evaluation, out: Path, *, version: str, card: dict[str, Any
         f"never shipped. **k = {ev.baseline_k}** is the operating point chosen on the validation "
         f"weeks for the same target as the model (≤ {_pct(ev.targets.legit_held)} legit held).",
         "",
-        _table(["k", "legit held", "baseline recall", "model recall, same FPR", "ratio"],
-               [[("**" + str(r["k"]) + "**") if r["chosen"] else r["k"], _pct(r["legit_held"], 2),
-                 _pct(r["baseline_recall"]), _pct(r["model_recall"]),
-                 f"{r['ratio']:.2f}x"] for r in ev.details["baseline_by_k"]]),
+        _table(
+            ["k", "legit held", "baseline recall", "model recall, same FPR", "ratio"],
+            [
+                [
+                    ("**" + str(r["k"]) + "**") if r["chosen"] else r["k"],
+                    _pct(r["legit_held"], 2),
+                    _pct(r["baseline_recall"]),
+                    _pct(r["model_recall"]),
+                    f"{r['ratio']:.2f}x",
+                ]
+                for r in ev.details["baseline_by_k"]
+            ],
+        ),
         "",
-        (f"At the chosen point the baseline holds {_pct(at_k['legit_held'], 2)} of legitimate "
-         f"refunds and catches {_pct(at_k['baseline_recall'])} of abuse; the model at the same "
-         f"rate catches {_pct(at_k['model_recall'])} (**{at_k['ratio']:.2f}x**). With velocity "
-         f"missing the baseline holds {_pct(base['test_degraded_at_k']['legit_held'], 2)} and "
-         f"catches {_pct(base['test_degraded_at_k']['recall'])}."
-         if at_k else "No k keeps the baseline within the target on the validation weeks."),
+        (
+            f"At the chosen point the baseline holds {_pct(at_k['legit_held'], 2)} of legitimate "
+            f"refunds and catches {_pct(at_k['baseline_recall'])} of abuse; the model at the same "
+            f"rate catches {_pct(at_k['model_recall'])} (**{at_k['ratio']:.2f}x**). With velocity "
+            f"missing the baseline holds {_pct(base['test_degraded_at_k']['legit_held'], 2)} and "
+            f"catches {_pct(base['test_degraded_at_k']['recall'])}."
+            if at_k
+            else "No k keeps the baseline within the target on the validation weeks."
+        ),
         "",
-        _table(["rule", "what it says", "legit refunds hit", "abusive refunds hit"],
-               [[name, r["text"], _pct(r["legit_hit"], 2), _pct(r["abuse_hit"])]
-                for name, r in ev.details["rules"].items()], align="llrr"),
+        _table(
+            ["rule", "what it says", "legit refunds hit", "abusive refunds hit"],
+            [
+                [name, r["text"], _pct(r["legit_hit"], 2), _pct(r["abuse_hit"])]
+                for name, r in ev.details["rules"].items()
+            ],
+            align="llrr",
+        ),
         "",
         "## Reason codes on held or rejected refunds (test weeks)",
         "",
@@ -651,20 +847,33 @@ def write_report(ev: Evaluation, out: Path, *, version: str, card: dict[str, Any
         "features that pushed the score up most (one per code). *First* is what a reviewer reads "
         "first; *anywhere* counts every code of the answer.",
         "",
-        _table(["scenario", "held or rejected", "first reason (share)", "anywhere (share)"],
-               [[s, r["flagged"], ", ".join(f"{c} {_pct(x, 0)}" for c, x in r["first"]),
-                 ", ".join(f"{c} {_pct(x, 0)}" for c, x in r["anywhere"])]
-                for s, r in m["reasons_test"].items()], align="lrll"),
+        _table(
+            ["scenario", "held or rejected", "first reason (share)", "anywhere (share)"],
+            [
+                [
+                    s,
+                    r["flagged"],
+                    ", ".join(f"{c} {_pct(x, 0)}" for c, x in r["first"]),
+                    ", ".join(f"{c} {_pct(x, 0)}" for c, x in r["anywhere"]),
+                ]
+                for s, r in m["reasons_test"].items()
+            ],
+            align="lrll",
+        ),
         "",
         "Where each model code came from: the feature that put it in the answer, its median value "
         "on those refunds and over all legitimate test refunds. A code is only as true as this "
         "difference (e.g. HIGH_REFUND_RATE cited at a median refund rate well above the "
         "legitimate one).",
         "",
-        _table(["code", "from feature", "cited on", "median when cited", "median, legitimate"],
-               [[r["code"], r["feature"], r["cited"], f"{r['median_cited']:.4g}",
-                 f"{r['median_legit']:.4g}"] for r in ev.details["reason_sources"]],
-               align="llrrr"),
+        _table(
+            ["code", "from feature", "cited on", "median when cited", "median, legitimate"],
+            [
+                [r["code"], r["feature"], r["cited"], f"{r['median_cited']:.4g}", f"{r['median_legit']:.4g}"]
+                for r in ev.details["reason_sources"]
+            ],
+            align="llrrr",
+        ),
         "",
         "## Feature importance",
         "",

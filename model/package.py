@@ -58,8 +58,9 @@ def write_bundle(
     tmp.mkdir(parents=True)
     booster.save_model(str(tmp / MODEL_TXT))
     scores = booster.predict(golden_X)
-    (tmp / GOLDEN).write_text(json.dumps(
-        {"rows": [encode_row(r) for r in golden_X.tolist()], "scores": scores.tolist()}))
+    (tmp / GOLDEN).write_text(
+        json.dumps({"rows": [encode_row(r) for r in golden_X.tolist()], "scores": scores.tolist()})
+    )
     files = [MODEL_TXT, GOLDEN]
     if compile_so:
         started = time.monotonic()

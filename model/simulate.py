@@ -205,8 +205,11 @@ class SimConfig:
         """
         if factor <= 0:
             raise ValueError("factor must be positive")
-        counts = {f.name: max(1, round(getattr(self, f.name) * factor))
-                  for f in fields(self) if f.metadata.get("scales")}
+        counts = {
+            f.name: max(1, round(getattr(self, f.name) * factor))
+            for f in fields(self)
+            if f.metadata.get("scales")
+        }
         return replace(self, **counts)
 
     @classmethod
@@ -256,15 +259,43 @@ _OTHER = pb.REFUND_REASON_OTHER
 
 # (code, weight): where accounts live; the last three are US cities.
 _CITIES = (
-    ("BER", 6), ("HAM", 3), ("MUC", 3), ("CGN", 2), ("FRA", 2), ("PAR", 7), ("LYS", 2),
-    ("MRS", 2), ("MAD", 5), ("BCN", 4), ("ROM", 4), ("MIL", 4), ("AMS", 3), ("RTM", 1.5),
-    ("BRU", 2), ("VIE", 2.5), ("ZRH", 1.5), ("WAW", 3), ("KRK", 1.5), ("PRG", 2), ("LIS", 2),
-    ("DUB", 1.5), ("CPH", 1.5), ("STO", 2), ("HEL", 1), ("ATH", 1.5), ("BUD", 1.5),
-    ("NYC", 1.5), ("LAX", 1), ("CHI", 0.8),
+    ("BER", 6),
+    ("HAM", 3),
+    ("MUC", 3),
+    ("CGN", 2),
+    ("FRA", 2),
+    ("PAR", 7),
+    ("LYS", 2),
+    ("MRS", 2),
+    ("MAD", 5),
+    ("BCN", 4),
+    ("ROM", 4),
+    ("MIL", 4),
+    ("AMS", 3),
+    ("RTM", 1.5),
+    ("BRU", 2),
+    ("VIE", 2.5),
+    ("ZRH", 1.5),
+    ("WAW", 3),
+    ("KRK", 1.5),
+    ("PRG", 2),
+    ("LIS", 2),
+    ("DUB", 1.5),
+    ("CPH", 1.5),
+    ("STO", 2),
+    ("HEL", 1),
+    ("ATH", 1.5),
+    ("BUD", 1.5),
+    ("NYC", 1.5),
+    ("LAX", 1),
+    ("CHI", 0.8),
 )
 _PAYMENTS = (
-    (pb.PAYMENT_METHOD_CARD, 52), (pb.PAYMENT_METHOD_WALLET, 20), (pb.PAYMENT_METHOD_BNPL, 12),
-    (pb.PAYMENT_METHOD_BANK_TRANSFER, 8), (pb.PAYMENT_METHOD_STORE_CREDIT, 5),
+    (pb.PAYMENT_METHOD_CARD, 52),
+    (pb.PAYMENT_METHOD_WALLET, 20),
+    (pb.PAYMENT_METHOD_BNPL, 12),
+    (pb.PAYMENT_METHOD_BANK_TRANSFER, 8),
+    (pb.PAYMENT_METHOD_STORE_CREDIT, 5),
     (pb.PAYMENT_METHOD_OTHER, 3),
 )
 _CHARGEABLE = frozenset({pb.PAYMENT_METHOD_CARD, pb.PAYMENT_METHOD_WALLET, pb.PAYMENT_METHOD_BNPL})
@@ -276,8 +307,38 @@ _CATEGORY_REFUND_FACTOR = (0.0, 1.0, 0.4, 0.6)
 _GIFT_CARDS = (5, 10, 15, 20, 25, 25, 50, 50, 100, 150)
 _CASHOUT_CARDS = (25, 50, 50, 100, 100, 150, 200)
 # First octets of residential and of hosting (proxy, VPN) IPv4 ranges.
-_RESIDENTIAL = (31, 37, 46, 62, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91,
-                92, 93, 94, 95, 109, 176, 178, 188, 212, 213, 217)
+_RESIDENTIAL = (
+    31,
+    37,
+    46,
+    62,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    83,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
+    91,
+    92,
+    93,
+    94,
+    95,
+    109,
+    176,
+    178,
+    188,
+    212,
+    213,
+    217,
+)
 _HOSTING = (5, 23, 45, 104, 138, 146, 159, 167, 185, 193, 194, 195)
 
 T = TypeVar("T")
@@ -385,9 +446,11 @@ class _World:
         self.payments = _Choice(_PAYMENTS)
         # Carrier-NAT addresses per city: many unrelated accounts share them, unevenly.
         self.carrier_ips = {
-            code: _Choice([(self.ipv4(_RESIDENTIAL), 1 / rank)
-                           for rank in range(1, cfg.carrier_ips_per_city + 1)])
-            for code in self.city_codes}
+            code: _Choice(
+                [(self.ipv4(_RESIDENTIAL), 1 / rank) for rank in range(1, cfg.carrier_ips_per_city + 1)]
+            )
+            for code in self.city_codes
+        }
         self._make_merchants()
 
     # Engine.
@@ -467,15 +530,16 @@ class _World:
     def ipv4(self, first_octets: Sequence[int]) -> str:
         """A random IPv4 address in one of the given /8 ranges."""
         r = self.rng
-        return (f"{r.choice(first_octets)}.{r.randrange(256)}.{r.randrange(256)}."
-                f"{r.randrange(1, 255)}")
+        return f"{r.choice(first_octets)}.{r.randrange(256)}.{r.randrange(256)}.{r.randrange(1, 255)}"
 
     def home_ip(self) -> str:
         """A residential connection: IPv4, or IPv6 for ``ipv6_share`` of homes."""
         r = self.rng
         if r.random() < self.cfg.ipv6_share:
-            return (f"2a02:{r.getrandbits(16):x}:{r.getrandbits(16):x}:{r.getrandbits(16):x}"
-                    f"::{r.randrange(1, 65_536):x}")
+            return (
+                f"2a02:{r.getrandbits(16):x}:{r.getrandbits(16):x}:{r.getrandbits(16):x}"
+                f"::{r.randrange(1, 65_536):x}"
+            )
         return self.ipv4(_RESIDENTIAL)
 
     # Population.
@@ -495,12 +559,14 @@ class _World:
         shop_weights = [1.0 / r.randint(20, 200) ** 0.8 for _ in self.cashout_shops]
         # BNPL shops are well-known physical merchants, but not the very largest ones.
         ranked = sorted(range(len(regular)), key=lambda i: -weights[i])
-        popular = ranked[len(ranked) // 20: len(ranked) // 5]
+        popular = ranked[len(ranked) // 20 : len(ranked) // 5]
         physical = [i for i in popular if regular[i].category == _PHYSICAL]
-        self.bnpl_shops = [regular[i] for i in r.sample(physical, min(cfg.bnpl_shops,
-                                                                     len(physical)))]
-        everyone = [*zip(regular, weights, strict=True), (self.big_merchant, big_weight),
-                    *zip(self.cashout_shops, shop_weights, strict=True)]
+        self.bnpl_shops = [regular[i] for i in r.sample(physical, min(cfg.bnpl_shops, len(physical)))]
+        everyone = [
+            *zip(regular, weights, strict=True),
+            (self.big_merchant, big_weight),
+            *zip(self.cashout_shops, shop_weights, strict=True),
+        ]
         self.all_merchants = _Choice(everyone)
         self.physical_merchants = _Choice([(m, w) for m, w in everyone if m.category == _PHYSICAL])
         self.digital_merchants = _Choice([(m, w) for m, w in everyone if m.category == _DIGITAL])
@@ -515,9 +581,15 @@ class _World:
             tracked=r.random() >= self.cfg.untracked_merchant_share,
         )
 
-    def account(self, created_at: float, *, devices: list[str] | None = None,
-                ips: list[str] | None = None, city: str | None = None,
-                mobile_share: float | None = None) -> _Account:
+    def account(
+        self,
+        created_at: float,
+        *,
+        devices: list[str] | None = None,
+        ips: list[str] | None = None,
+        city: str | None = None,
+        mobile_share: float | None = None,
+    ) -> _Account:
         """A new account; unspecified traits are drawn like an ordinary shopper's."""
         cfg, r = self.cfg, self.rng
         if devices is None:
@@ -553,9 +625,16 @@ class _World:
 
     # Orders.
 
-    def order(self, acct: _Account, merchant: _Merchant, scenario: str, *,
-              category: int | None = None, amount: int | None = None,
-              payment: int | None = None) -> _Order:
+    def order(
+        self,
+        acct: _Account,
+        merchant: _Merchant,
+        scenario: str,
+        *,
+        category: int | None = None,
+        amount: int | None = None,
+        payment: int | None = None,
+    ) -> _Order:
         """A new order placed now, with its logistics drawn (shipping, delay, loss)."""
         cfg, r, now = self.cfg, self.rng, self.now
         if category is None:
@@ -563,10 +642,19 @@ class _World:
         if payment is None:
             payment = acct.payment if r.random() < 0.8 else self.payments.pick(r)
         order = _Order(
-            id=f"ord:{next(self._orders):09d}", account=acct, merchant=merchant,
-            scenario=scenario, amount=self.price(category) if amount is None else amount,
-            currency=merchant.currency, category=category, payment=payment, created_at=now,
-            context=self.context(acct), shipped_at=None, expected_at=None, delivered_at=None,
+            id=f"ord:{next(self._orders):09d}",
+            account=acct,
+            merchant=merchant,
+            scenario=scenario,
+            amount=self.price(category) if amount is None else amount,
+            currency=merchant.currency,
+            category=category,
+            payment=payment,
+            created_at=now,
+            context=self.context(acct),
+            shipped_at=None,
+            expected_at=None,
+            delivered_at=None,
         )
         if category == _PHYSICAL:
             order.shipped_at = now + int(r.uniform(3, 40) * HOUR)
@@ -579,8 +667,7 @@ class _World:
             else:
                 order.delivered_at = order.expected_at
         else:  # codes arrive within seconds, services are rendered within days
-            done = now + (r.randint(3, 120) if category == _DIGITAL
-                          else int(r.uniform(1, 10) * DAY))
+            done = now + (r.randint(3, 120) if category == _DIGITAL else int(r.uniform(1, 10) * DAY))
             order.shipped_at = order.expected_at = order.delivered_at = done
         return order
 
@@ -613,9 +700,13 @@ class _World:
     # Messages.
 
     def _event(self, order: _Order, event_type: int) -> pb.Event:
-        event = pb.Event(event_id=f"ev:{next(self._events):010d}", type=event_type,
-                         account_id=order.account.id, merchant_id=order.merchant.id,
-                         order_id=order.id)
+        event = pb.Event(
+            event_id=f"ev:{next(self._events):010d}",
+            type=event_type,
+            account_id=order.account.id,
+            merchant_id=order.merchant.id,
+            order_id=order.id,
+        )
         event.occurred_at.seconds = self.now
         return event
 
@@ -641,12 +732,21 @@ class _World:
         acct = order.account
         device, ip, city = refund.context or self.context(acct)
         req = pb.CheckRequest(
-            refund_id=f"rf:{next(self._refunds):09d}", account_id=acct.id, order_id=order.id,
-            merchant_id=order.merchant.id, amount_minor=refund.amount,
-            order_amount_minor=order.amount, currency=order.currency, reason=refund.reason,
-            item_category=order.category, delivery_status=self.delivery_status(order),
-            item_returned=refund.returned, payment_method=order.payment, device_id=device,
-            ip=ip, geo_city=city,
+            refund_id=f"rf:{next(self._refunds):09d}",
+            account_id=acct.id,
+            order_id=order.id,
+            merchant_id=order.merchant.id,
+            amount_minor=refund.amount,
+            order_amount_minor=order.amount,
+            currency=order.currency,
+            reason=refund.reason,
+            item_category=order.category,
+            delivery_status=self.delivery_status(order),
+            item_returned=refund.returned,
+            payment_method=order.payment,
+            device_id=device,
+            ip=ip,
+            geo_city=city,
         )
         req.order_created_at.seconds = order.created_at
         req.requested_at.seconds = self.now
@@ -656,8 +756,7 @@ class _World:
         self._schedule_outcome(order, req.refund_id, refund, label)
         return SimRecord(float(self.now), None, req, label, refund.scenario)
 
-    def _schedule_outcome(self, order: _Order, refund_id: str, refund: _Refund,
-                          label: int) -> None:
+    def _schedule_outcome(self, order: _Order, refund_id: str, refund: _Refund, label: int) -> None:
         """Decide what the back office will report about the refund, and when."""
         cfg, r = self.cfg, self.rng
         if r.random() < cfg.outcome_missing_rate:
@@ -680,8 +779,7 @@ class _World:
             outcome, delay = pb.REFUND_OUTCOME_PAID, r.uniform(0.5, 3) * DAY
         self.at(self.now + delay, _report_outcome, order, refund_id, refund, outcome)
 
-    def outcome(self, order: _Order, refund_id: str, refund: _Refund,
-                outcome: int) -> SimRecord:
+    def outcome(self, order: _Order, refund_id: str, refund: _Refund, outcome: int) -> SimRecord:
         """The REFUND_OUTCOME record of a refund, now."""
         event = self._event(order, pb.EVENT_TYPE_REFUND_OUTCOME)
         event.refund_id = refund_id
@@ -693,6 +791,7 @@ class _World:
 
 # --- Actions: functions (world, *args) -> record or None, run from the heap -------------------
 
+
 def _deliver(w: _World, order: _Order) -> SimRecord:
     return w.delivered(order)
 
@@ -701,8 +800,7 @@ def _request_refund(w: _World, order: _Order, refund: _Refund) -> SimRecord:
     return w.check(order, refund)
 
 
-def _report_outcome(w: _World, order: _Order, refund_id: str, refund: _Refund,
-                    outcome: int) -> SimRecord:
+def _report_outcome(w: _World, order: _Order, refund_id: str, refund: _Refund, outcome: int) -> SimRecord:
     return w.outcome(order, refund_id, refund, outcome)
 
 
@@ -715,8 +813,14 @@ def _shop(w: _World, shopper: _Shopper) -> SimRecord:
     return w.launch(order, shopper.policy(w, order))
 
 
-def _enroll(w: _World, acct: _Account, scenario: str, orders_per_week: float,
-            merchants: _Choice[_Merchant], policy: RefundPolicy) -> _Shopper:
+def _enroll(
+    w: _World,
+    acct: _Account,
+    scenario: str,
+    orders_per_week: float,
+    merchants: _Choice[_Merchant],
+    policy: RefundPolicy,
+) -> _Shopper:
     """Make the account a shopper and schedule its first order.
 
     An account that signs up during the window orders within hours of signing up.
@@ -735,6 +839,7 @@ def _no_refunds(w: _World, order: _Order) -> list[_Refund]:
 
 
 # --- Legitimate behaviour ---------------------------------------------------------------------
+
 
 def _legit_refunds(w: _World, order: _Order) -> list[_Refund]:
     """Refunds an honest buyer asks for; the situation names the refund of an ordinary account.
@@ -758,8 +863,12 @@ def _legit_refunds(w: _World, order: _Order) -> list[_Refund]:
         if order.delivered_at is not None and r.random() < cfg.stolen_parcel_rate:
             at = w.daytime(order.delivered_at + r.uniform(0.2, 3) * DAY)
             return [_Refund(at, order.amount, _INR, False, named("legit_stolen_parcel"))]
-    chance = (cfg.refund_rate * order.account.refund_propensity * order.merchant.refund_mult
-              * _CATEGORY_REFUND_FACTOR[order.category])
+    chance = (
+        cfg.refund_rate
+        * order.account.refund_propensity
+        * order.merchant.refund_mult
+        * _CATEGORY_REFUND_FACTOR[order.category]
+    )
     if r.random() >= chance:
         return []
     base = "legit_big_merchant" if order.merchant is w.big_merchant else "legit_normal"
@@ -770,16 +879,13 @@ def _legit_refunds(w: _World, order: _Order) -> list[_Refund]:
     return _service_refunds(w, order, named(base), named("legit_partial"))
 
 
-def _physical_refunds(w: _World, order: _Order, scenario: str,
-                      partial_scenario: str) -> list[_Refund]:
+def _physical_refunds(w: _World, order: _Order, scenario: str, partial_scenario: str) -> list[_Refund]:
     """An honest refund of a physical order: most go back to the merchant first."""
     r = w.rng
-    reason = w.reason((_DAMAGED, 30), (_NAD, 30), (_CHANGED_MIND, 30), (_DUPLICATE, 5),
-                      (_OTHER, 5))
+    reason = w.reason((_DAMAGED, 30), (_NAD, 30), (_CHANGED_MIND, 30), (_DUPLICATE, 5), (_OTHER, 5))
     created, shipped, delivered = order.created_at, order.shipped_at, order.delivered_at
     if reason == _DUPLICATE:
-        return [_Refund(created + int(r.uniform(0.5, 48) * HOUR), order.amount, reason, False,
-                        scenario)]
+        return [_Refund(created + int(r.uniform(0.5, 48) * HOUR), order.amount, reason, False, scenario)]
     assert shipped is not None and delivered is not None  # lost parcels are handled above
     if reason == _CHANGED_MIND and r.random() < 0.15:
         # Cancelled before shipping: nothing to return, "changed my mind" without a return.
@@ -794,8 +900,7 @@ def _physical_refunds(w: _World, order: _Order, scenario: str,
     return [_Refund(at, order.amount, reason, r.random() < 0.7, scenario)]
 
 
-def _partial_refunds(w: _World, order: _Order, at: int, reason: int,
-                     scenario: str) -> list[_Refund]:
+def _partial_refunds(w: _World, order: _Order, at: int, reason: int, scenario: str) -> list[_Refund]:
     """One partial refund (goodwill, one item of several); sometimes a second, never past the
     order amount together."""
     r = w.rng
@@ -817,8 +922,7 @@ def _digital_refund(w: _World, order: _Order, scenario: str) -> _Refund:
     return _Refund(at, order.amount, reason, False, scenario)
 
 
-def _service_refunds(w: _World, order: _Order, scenario: str,
-                     partial_scenario: str) -> list[_Refund]:
+def _service_refunds(w: _World, order: _Order, scenario: str, partial_scenario: str) -> list[_Refund]:
     """A cancelled booking before the service, or a complaint after it."""
     r = w.rng
     assert order.delivered_at is not None  # services are always scheduled
@@ -829,8 +933,7 @@ def _service_refunds(w: _World, order: _Order, scenario: str,
     at = w.daytime(order.delivered_at + r.uniform(0.5, 5) * DAY)
     reason = w.reason((_NAD, 70), (_OTHER, 30))
     if r.random() < 0.3:
-        return [_Refund(at, max(1, int(order.amount * r.uniform(0.2, 0.6))), reason, False,
-                        partial_scenario)]
+        return [_Refund(at, max(1, int(order.amount * r.uniform(0.2, 0.6))), reason, False, partial_scenario)]
     return [_Refund(at, order.amount, reason, False, scenario)]
 
 
@@ -856,8 +959,7 @@ def _start_legit_household_device(w: _World) -> None:
         for member in range(r.randint(*cfg.household_size)):
             created = w.uniform_time() if young and member == 0 else w.aged_created()
             acct = w.account(created, devices=[shared_device, w.device()], ips=[home], city=city)
-            _enroll(w, acct, "legit_household_device", cfg.orders_per_week, w.all_merchants,
-                    _legit_refunds)
+            _enroll(w, acct, "legit_household_device", cfg.orders_per_week, w.all_merchants, _legit_refunds)
 
 
 def _start_legit_traveller(w: _World) -> None:
@@ -866,8 +968,7 @@ def _start_legit_traveller(w: _World) -> None:
     cfg, r = w.cfg, w.rng
     for _ in range(cfg.n_travellers):
         acct = w.account(w.aged_created(), mobile_share=0.3)
-        _enroll(w, acct, "legit_traveller", cfg.orders_per_week * 1.3, w.all_merchants,
-                _legit_refunds)
+        _enroll(w, acct, "legit_traveller", cfg.orders_per_week * 1.3, w.all_merchants, _legit_refunds)
         t = w.start + r.uniform(0, 10) * DAY
         while t < w.end:
             legs = r.randint(2, 5)
@@ -892,25 +993,42 @@ def _start_legit_gift_card_buyer(w: _World) -> None:
     cfg, r = w.cfg, w.rng
     for _ in range(cfg.n_gift_card_buyers):
         created = w.uniform_time(margin=WEEK) if r.random() < 0.3 else w.aged_created()
-        _enroll(w, w.account(created), "legit_gift_card_buyer", cfg.gift_card_orders_per_week,
-                w.digital_merchants, _no_refunds)
+        _enroll(
+            w,
+            w.account(created),
+            "legit_gift_card_buyer",
+            cfg.gift_card_orders_per_week,
+            w.digital_merchants,
+            _no_refunds,
+        )
 
 
 # --- Abuse ------------------------------------------------------------------------------------
+
 
 def _start_serial_inr_delivered(w: _World) -> None:
     """Established-looking accounts that claim "not received" on parcels shown as delivered."""
     cfg, r = w.cfg, w.rng
     for _ in range(cfg.serial_inr_accounts):
         created = w.uniform_time(margin=3 * WEEK) if r.random() < 0.15 else w.aged_created()
-        _enroll(w, w.account(created), "serial_inr_delivered", cfg.abuser_orders_per_week,
-                w.physical_merchants, _serial_inr_refunds)
+        _enroll(
+            w,
+            w.account(created),
+            "serial_inr_delivered",
+            cfg.abuser_orders_per_week,
+            w.physical_merchants,
+            _serial_inr_refunds,
+        )
 
 
 def _serial_inr_refunds(w: _World, order: _Order) -> list[_Refund]:
     r = w.rng
-    if (order.category != _PHYSICAL or order.delivered_at is None
-            or not order.merchant.tracked or r.random() >= w.cfg.serial_inr_claim_rate):
+    if (
+        order.category != _PHYSICAL
+        or order.delivered_at is None
+        or not order.merchant.tracked
+        or r.random() >= w.cfg.serial_inr_claim_rate
+    ):
         return []
     at = w.daytime(order.delivered_at + r.uniform(0.3, 4) * DAY)
     return [_Refund(at, order.amount, _INR, False, "serial_inr_delivered")]
@@ -930,25 +1048,30 @@ def _start_cashout_ring(w: _World) -> None:
             acct = w.account(
                 first - r.uniform(10 * MINUTE, 3 * DAY),
                 devices=[r.choice(devices)] if r.random() < 0.7 else [w.device()],
-                ips=r.sample(ips, 2), city=home if r.random() < 0.7 else w.cities.pick(r),
+                ips=r.sample(ips, 2),
+                city=home if r.random() < 0.7 else w.cities.pick(r),
                 mobile_share=0.1,
             )
             acct.payment = pb.PAYMENT_METHOD_CARD if r.random() < 0.7 else pb.PAYMENT_METHOD_WALLET
             if r.random() < 0.3:  # camouflage: one ordinary order without refund first
                 since = max(acct.created_at, w.start)
-                w.at(since + r.uniform(0.1, 0.8) * (first - since), _single_order, acct,
-                     "cashout_ring")
+                w.at(since + r.uniform(0.1, 0.8) * (first - since), _single_order, acct, "cashout_ring")
             w.at(first, _cashout_cycle, shop, acct, r.randint(*cfg.cashout_cycles))
 
 
 def _cashout_cycle(w: _World, shop: _Merchant, acct: _Account, cycles: int) -> SimRecord:
     """Buy a gift card at the colluding shop, ask for a refund 2-55 minutes later."""
     r = w.rng
-    order = w.order(acct, shop, "cashout_ring", category=_DIGITAL,
-                    amount=r.choice(_CASHOUT_CARDS) * 100, payment=acct.payment)
+    order = w.order(
+        acct,
+        shop,
+        "cashout_ring",
+        category=_DIGITAL,
+        amount=r.choice(_CASHOUT_CARDS) * 100,
+        payment=acct.payment,
+    )
     reason = w.reason((_INR, 35), (_DUPLICATE, 30), (_CHANGED_MIND, 20), (_NAD, 15))
-    refund = _Refund(w.now + int(r.uniform(2, 55) * MINUTE), order.amount, reason, False,
-                     "cashout_ring")
+    refund = _Refund(w.now + int(r.uniform(2, 55) * MINUTE), order.amount, reason, False, "cashout_ring")
     if cycles > 1:
         w.at(w.now + r.uniform(2 * HOUR, 4 * DAY), _cashout_cycle, shop, acct, cycles - 1)
     return w.launch(order, [refund])
@@ -966,14 +1089,14 @@ def _start_account_farm(w: _World) -> None:
     for i in range(cfg.account_farms):
         t = w.staggered(i, cfg.account_farms, margin=10 * DAY)
         devices = [w.device() for _ in range(r.randint(1, 2))]
-        ips = [w.ipv4(_RESIDENTIAL if r.random() < 0.5 else _HOSTING)
-               for _ in range(r.randint(1, 3))]
+        ips = [w.ipv4(_RESIDENTIAL if r.random() < 0.5 else _HOSTING) for _ in range(r.randint(1, 3))]
         city = w.cities.pick(r)
         for _ in range(r.randint(*cfg.farm_size)):
             t += r.uniform(0.5, 8) * HOUR
             own = r.random() >= 0.85  # a few use a fresh fingerprint; the IPs stay shared
-            acct = w.account(t, devices=[w.device() if own else r.choice(devices)], ips=ips,
-                             city=city, mobile_share=0.0)
+            acct = w.account(
+                t, devices=[w.device() if own else r.choice(devices)], ips=ips, city=city, mobile_share=0.0
+            )
             w.at(t + r.uniform(0.5, 48) * HOUR, _farm_order, acct, r.randint(*cfg.farm_orders))
 
 
@@ -998,8 +1121,9 @@ def _start_account_hopping(w: _World) -> None:
     cfg, r = w.cfg, w.rng
     for _ in range(cfg.account_hoppers):
         acct = w.account(w.start - r.uniform(90, 2_000) * DAY)
-        shopper = _enroll(w, acct, "account_hopping", cfg.abuser_orders_per_week * 1.25,
-                          w.all_merchants, _no_refunds)
+        shopper = _enroll(
+            w, acct, "account_hopping", cfg.abuser_orders_per_week * 1.25, w.all_merchants, _no_refunds
+        )
         shopper.history = []
         w.at(w.start + r.uniform(10 * DAY, w.end - w.start - 3 * DAY), _take_over, shopper)
 
@@ -1008,13 +1132,15 @@ def _take_over(w: _World, shopper: _Shopper) -> None:
     """Ask for refunds on the account's recent delivered orders, each from another place."""
     cfg, r, now = w.cfg, w.rng, w.now
     assert shopper.history is not None
-    recent = [o for o in shopper.history
-              if o.delivered_at is not None and o.delivered_at <= now
-              and now - o.created_at < 45 * DAY]
+    recent = [
+        o
+        for o in shopper.history
+        if o.delivered_at is not None and o.delivered_at <= now and now - o.created_at < 45 * DAY
+    ]
     if len(recent) < 2:  # too little to steal yet
         w.at(now + 2 * DAY, _take_over, shopper)
         return
-    targets = recent[-r.randint(*cfg.hop_refunds):]
+    targets = recent[-r.randint(*cfg.hop_refunds) :]
     burst = r.uniform(*cfg.hop_burst_hours) * HOUR
     devices = [w.device(), w.device(), ""]
     city = shopper.account.city
@@ -1022,8 +1148,9 @@ def _take_over(w: _World, shopper: _Shopper) -> None:
         city = r.choice([c for c in w.city_codes if c != city])
         ip = w.ipv4(_HOSTING if r.random() < 0.6 else _RESIDENTIAL)
         reason = w.reason((_NAD, 35), (_DAMAGED, 25), (_INR, 25), (_OTHER, 15))
-        refund = _Refund(int(t), order.amount, reason, False, "account_hopping",
-                         context=(r.choice(devices), ip, city))
+        refund = _Refund(
+            int(t), order.amount, reason, False, "account_hopping", context=(r.choice(devices), ip, city)
+        )
         w.at(t, _request_refund, order, refund)
 
 
@@ -1035,8 +1162,10 @@ def _start_bnpl_cashout(w: _World) -> None:
         turn = w.staggered(i, len(w.bnpl_shops), lead=WEEK, margin=10 * DAY)
         span = r.uniform(*cfg.bnpl_days) * DAY
         n = r.randint(*cfg.bnpl_orders_per_shop)
-        mules = [w.account(turn - r.uniform(HOUR, 10 * DAY) if r.random() < 0.6
-                           else w.aged_created()) for _ in range(max(3, n // 3))]
+        mules = [
+            w.account(turn - r.uniform(HOUR, 10 * DAY) if r.random() < 0.6 else w.aged_created())
+            for _ in range(max(3, n // 3))
+        ]
         for _ in range(n):  # density rising linearly over the span
             w.at(turn + span * math.sqrt(r.random()), _bnpl_order, shop, r.choice(mules))
 
@@ -1046,8 +1175,9 @@ def _bnpl_order(w: _World, shop: _Merchant, acct: _Account) -> SimRecord:
     the shop marks some as returned."""
     r = w.rng
     amount = max(2_999, int(r.lognormvariate(math.log(15_000), 0.5)) // 100 * 100 + 99)
-    order = w.order(acct, shop, "bnpl_cashout", category=_PHYSICAL, amount=amount,
-                    payment=pb.PAYMENT_METHOD_BNPL)
+    order = w.order(
+        acct, shop, "bnpl_cashout", category=_PHYSICAL, amount=amount, payment=pb.PAYMENT_METHOD_BNPL
+    )
     if r.random() < 0.7:
         w.cancel(order)
     refunds = []
@@ -1062,8 +1192,14 @@ def _start_refund_exceeds_order(w: _World) -> None:
     """Established accounts asking for more than they paid, at once or in split partials."""
     cfg = w.cfg
     for _ in range(cfg.exceeds_accounts):
-        _enroll(w, w.account(w.aged_created()), "refund_exceeds_order",
-                cfg.abuser_orders_per_week, w.physical_merchants, _exceeding_refunds)
+        _enroll(
+            w,
+            w.account(w.aged_created()),
+            "refund_exceeds_order",
+            cfg.abuser_orders_per_week,
+            w.physical_merchants,
+            _exceeding_refunds,
+        )
 
 
 def _exceeding_refunds(w: _World, order: _Order) -> list[_Refund]:
@@ -1090,8 +1226,14 @@ def _start_serial_changed_mind(w: _World) -> None:
     """Established accounts refunding delivered orders as "changed my mind", never returning."""
     cfg = w.cfg
     for _ in range(cfg.changed_mind_accounts):
-        _enroll(w, w.account(w.aged_created()), "serial_changed_mind", cfg.abuser_orders_per_week,
-                w.physical_merchants, _unreturned_refunds)
+        _enroll(
+            w,
+            w.account(w.aged_created()),
+            "serial_changed_mind",
+            cfg.abuser_orders_per_week,
+            w.physical_merchants,
+            _unreturned_refunds,
+        )
 
 
 def _unreturned_refunds(w: _World, order: _Order) -> list[_Refund]:
@@ -1121,6 +1263,7 @@ _STARTERS: tuple[Callable[[_World], None], ...] = (
 
 # --- Public entry points ----------------------------------------------------------------------
 
+
 def simulate(cfg: SimConfig, *, progress: bool = False) -> Iterator[SimRecord]:
     """Yield the run's records in non-decreasing time; a progress bar on stderr if asked."""
     world = _World(cfg)
@@ -1142,8 +1285,15 @@ def record_to_json(record: SimRecord) -> str:
     """One JSON line: at, scenario, label and the message as ``json_format.MessageToDict``."""
     kind, message = ("event", record.event) if record.event is not None else ("check", record.check)
     assert message is not None
-    return json.dumps({"at": record.at, "scenario": record.scenario, "label": record.label,
-                       kind: json_format.MessageToDict(message)}, separators=(",", ":"))
+    return json.dumps(
+        {
+            "at": record.at,
+            "scenario": record.scenario,
+            "label": record.label,
+            kind: json_format.MessageToDict(message),
+        },
+        separators=(",", ":"),
+    )
 
 
 def record_from_json(line: str) -> SimRecord:
@@ -1177,8 +1327,9 @@ class _Progress:
     def _draw(self, done: float, count: int, tick: float) -> None:
         filled = int(done * self.WIDTH)
         rate = count / max(tick - self.began, 1e-9)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done:4.0%} "
-                          f"{count:,} records {rate:,.0f}/s")
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done:4.0%} {count:,} records {rate:,.0f}/s"
+        )
         self.stream.flush()
 
 
@@ -1186,26 +1337,33 @@ def _summary(counts: Counter[tuple[str, int]], stream: TextIO) -> None:
     """Per scenario: events, legitimate checks, abusive checks."""
     stream.write(f"{'scenario':<24}{'events':>10}{'checks 0':>10}{'checks 1':>10}\n")
     for scenario in (*LEGIT_SCENARIOS, *ABUSE_SCENARIOS):
-        stream.write(f"{scenario:<24}{counts[scenario, -1]:>10}{counts[scenario, 0]:>10}"
-                     f"{counts[scenario, 1]:>10}\n")
+        stream.write(
+            f"{scenario:<24}{counts[scenario, -1]:>10}{counts[scenario, 0]:>10}{counts[scenario, 1]:>10}\n"
+        )
     legit = sum(n for (_, label), n in counts.items() if label == 0)
     abuse = sum(n for (_, label), n in counts.items() if label == 1)
-    stream.write(f"records {sum(counts.values()):,}; checks {legit + abuse:,}, "
-                 f"abusive {abuse / max(legit + abuse, 1):.1%}\n")
+    stream.write(
+        f"records {sum(counts.values()):,}; checks {legit + abuse:,}, "
+        f"abusive {abuse / max(legit + abuse, 1):.1%}\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: simulate, write JSON lines to --out (or just count), print the scenario mix."""
     parser = argparse.ArgumentParser(
         prog="python -m model.simulate",
-        description="Simulate marketplace refund traffic as JSON lines (see model/README.md).")
-    parser.add_argument("--events", type=int, default=None,
-                        help="about this many records (default: the default config, ~385k)")
+        description="Simulate marketplace refund traffic as JSON lines (see model/README.md).",
+    )
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="about this many records (default: the default config, ~385k)",
+    )
     parser.add_argument("--seed", type=int, default=SimConfig.seed)
     parser.add_argument("--out", default=None, help="JSON-lines file to write (default: none)")
     args = parser.parse_args(argv)
-    cfg = (SimConfig(seed=args.seed) if args.events is None
-           else SimConfig.scaled(args.events, seed=args.seed))
+    cfg = SimConfig(seed=args.seed) if args.events is None else SimConfig.scaled(args.events, seed=args.seed)
     counts: Counter[tuple[str, int]] = Counter()
     with open(args.out, "w", encoding="utf-8") if args.out else nullcontext() as out:
         for record in simulate(cfg, progress=True):

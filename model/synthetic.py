@@ -31,9 +31,22 @@ def synthetic_training_set(n: int = 6000, seed: int = 3) -> tuple[np.ndarray, np
 def build_synthetic_bundle(out: Path, version: str) -> Path:
     """A verified bundle (40 trees x 15 leaves, compiled too) at ``out``."""
     X, y = synthetic_training_set()
-    params = {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "verbosity": -1,
-              "seed": 1, "deterministic": True, "num_threads": 1}
-    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
-                        num_boost_round=40)
-    return write_bundle(out, booster, version=version, thresholds={"hold": 0.5, "reject": 0.9},
-                        golden_X=golden_rows(X, 50, seed=1), metrics={}, card={})
+    params = {
+        "objective": "binary",
+        "num_leaves": 15,
+        "learning_rate": 0.1,
+        "verbosity": -1,
+        "seed": 1,
+        "deterministic": True,
+        "num_threads": 1,
+    }
+    booster = lgb.train(params, lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)), num_boost_round=40)
+    return write_bundle(
+        out,
+        booster,
+        version=version,
+        thresholds={"hold": 0.5, "reject": 0.9},
+        golden_X=golden_rows(X, 50, seed=1),
+        metrics={},
+        card={},
+    )

@@ -50,16 +50,34 @@ EARLY_STOPPING_ROUNDS = 30
 # gain is scaled by SUPPORTING_GAIN, so a tree splits on behavioural evidence (velocity counters,
 # the refund's flags) when it separates about as well: the path attribution, hence the reason
 # code, then names the behaviour. Measured cost: model/README.md, "Supporting features".
-SUPPORTING_FEATURES = ("account_age_days", "minutes_order_to_request", "log10_amount",
-                       "reason_code", "item_category", "payment_method", "delivery_status",
-                       "order_delivered_event", "acct_abuse_outcomes_90d")
+SUPPORTING_FEATURES = (
+    "account_age_days",
+    "minutes_order_to_request",
+    "log10_amount",
+    "reason_code",
+    "item_category",
+    "payment_method",
+    "delivery_status",
+    "order_delivered_event",
+    "acct_abuse_outcomes_90d",
+)
 SUPPORTING_GAIN = 0.1
 PARAMS: dict[str, Any] = {
-    "objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "max_depth": 8,
-    "min_data_in_leaf": 40, "feature_fraction": 0.9, "bagging_fraction": 0.8, "bagging_freq": 1,
-    "lambda_l2": 1.0, "use_missing": True, "force_col_wise": True,
+    "objective": "binary",
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "max_depth": 8,
+    "min_data_in_leaf": 40,
+    "feature_fraction": 0.9,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "use_missing": True,
+    "force_col_wise": True,
     "feature_contri": [SUPPORTING_GAIN if n in SUPPORTING_FEATURES else 1.0 for n in FEATURE_NAMES],
-    "deterministic": True, "num_threads": 2, "verbosity": -1,
+    "deterministic": True,
+    "num_threads": 2,
+    "verbosity": -1,
 }
 
 
@@ -73,8 +91,9 @@ class Split:
     weeks: dict[str, tuple[int, int]]
 
 
-def time_split(at: np.ndarray, start_s: float, n_weeks: int, *, valid_weeks: int = 1,
-               test_weeks: int = 1) -> Split:
+def time_split(
+    at: np.ndarray, start_s: float, n_weeks: int, *, valid_weeks: int = 1, test_weeks: int = 1
+) -> Split:
     """Split by whole weeks of the window: the last ``test_weeks`` test, the ``valid_weeks``
     before them validate, every earlier week trains.
 
@@ -86,10 +105,16 @@ def time_split(at: np.ndarray, start_s: float, n_weeks: int, *, valid_weeks: int
         raise ValueError("the window needs at least one training week")
     week = np.minimum(((at - start_s) // WEEK).astype(int), n_weeks - 1)
     first_valid, first_test = n_weeks - valid_weeks - test_weeks, n_weeks - test_weeks
-    return Split(train=week < first_valid, valid=(week >= first_valid) & (week < first_test),
-                 test=week >= first_test,
-                 weeks={"train": (1, first_valid), "valid": (first_valid + 1, first_test),
-                        "test": (first_test + 1, n_weeks)})
+    return Split(
+        train=week < first_valid,
+        valid=(week >= first_valid) & (week < first_test),
+        test=week >= first_test,
+        weeks={
+            "train": (1, first_valid),
+            "valid": (first_valid + 1, first_test),
+            "test": (first_test + 1, n_weeks),
+        },
+    )
 
 
 def mask_velocity(X: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -112,12 +137,17 @@ def fit(data: Dataset, split: Split, *, seed: int, max_trees: int, dropout: floa
     """Fit on the training weeks (velocity masked in ``dropout`` of the rows), stopping early on
     the validation weeks; returns the booster cut at its best iteration."""
     X_train = mask_velocity(data.X[split.train], dropout, np.random.default_rng(seed))
-    train_set = lgb.Dataset(X_train, data.y[split.train], feature_name=list(FEATURE_NAMES),
-                            free_raw_data=False)
+    train_set = lgb.Dataset(
+        X_train, data.y[split.train], feature_name=list(FEATURE_NAMES), free_raw_data=False
+    )
     valid_set = lgb.Dataset(data.X[split.valid], data.y[split.valid], reference=train_set)
-    booster = lgb.train(dict(PARAMS, seed=seed), train_set, num_boost_round=max_trees,
-                        valid_sets=[valid_set],
-                        callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)])
+    booster = lgb.train(
+        dict(PARAMS, seed=seed),
+        train_set,
+        num_boost_round=max_trees,
+        valid_sets=[valid_set],
+        callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
+    )
     return lgb.Booster(model_str=booster.model_to_string(num_iteration=booster.best_iteration))
 
 
@@ -125,55 +155,80 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def model_card(data: Dataset, split: Split, cfg: SimConfig, booster: lgb.Booster,
-               thresholds: Thresholds, ev: evaluate.Evaluation, *, dropout: float,
-               max_trees: int, degraded_below: int) -> dict[str, Any]:
+def model_card(
+    data: Dataset,
+    split: Split,
+    cfg: SimConfig,
+    booster: lgb.Booster,
+    thresholds: Thresholds,
+    ev: evaluate.Evaluation,
+    *,
+    dropout: float,
+    max_trees: int,
+    degraded_below: int,
+) -> dict[str, Any]:
     """What the model is for, what it was trained and tested on, how well it does, where not."""
     start = cfg.start
 
     def part(mask: np.ndarray, weeks: tuple[int, int]) -> dict[str, Any]:
         first, last = weeks
-        return {"weeks": f"week {first}" if first == last else f"weeks {first}-{last}",
-                "from": (start + timedelta(weeks=first - 1)).date().isoformat(),
-                "until": (start + timedelta(weeks=last)).date().isoformat(),
-                "refunds": int(mask.sum()), "abusive": int(data.y[mask].sum())}
+        return {
+            "weeks": f"week {first}" if first == last else f"weeks {first}-{last}",
+            "from": (start + timedelta(weeks=first - 1)).date().isoformat(),
+            "until": (start + timedelta(weeks=last)).date().isoformat(),
+            "refunds": int(mask.sum()),
+            "abusive": int(data.y[mask].sum()),
+        }
 
     names, counts = np.unique(data.scenario, return_counts=True)
     test, degraded, base = ev.metrics["test"], ev.metrics["test_degraded_gate"], ev.metrics["baseline"]
     return {
         "intended_use": "Real-time scoring of refund requests behind refund-gate: pay at once, "
-                        "hold for a human (HOLD_FOR_REVIEW is a review, not an accusation) or "
-                        "reject; reason codes tell the reviewer where to look.",
-        "out_of_scope": ["banning or blocklisting accounts on the score alone",
-                         "chargeback disputes or any decision without human review of HOLDs",
-                         "traffic unlike the simulated marketplace before recalibration"],
-        "data": {"source": "model/simulate.py replayed through the gate (model/dataset.py)",
-                 "seed": cfg.seed, "records": data.records, "refunds": len(data),
-                 "abuse_share": float(data.y.mean()),
-                 "window": [_iso(start.timestamp()),
-                            _iso((start + timedelta(weeks=cfg.weeks)).timestamp())],
-                 "scenarios": {str(n): int(c) for n, c in zip(names, counts, strict=True)}},
-        "split": {name: part(getattr(split, name), split.weeks[name])
-                  for name in ("train", "valid", "test")},
-        "training": {"library": f"lightgbm {lgb.__version__}", "trees": booster.num_trees(),
-                     "max_trees": max_trees, "early_stopping_rounds": EARLY_STOPPING_ROUNDS,
-                     "velocity_dropout": dropout,
-                     "supporting_features": list(SUPPORTING_FEATURES),
-                     "supporting_gain": SUPPORTING_GAIN,
-                     "params": {k: v for k, v in PARAMS.items() if k != "feature_contri"}},
-        "thresholds": {"hold": thresholds.hold, "reject": thresholds.reject,
-                       "chosen_on": "validation weeks",
-                       "targets": {"legit_held_or_rejected_max": ev.targets.legit_held,
-                                   "legit_rejected_max": ev.targets.legit_rejected}},
+        "hold for a human (HOLD_FOR_REVIEW is a review, not an accusation) or "
+        "reject; reason codes tell the reviewer where to look.",
+        "out_of_scope": [
+            "banning or blocklisting accounts on the score alone",
+            "chargeback disputes or any decision without human review of HOLDs",
+            "traffic unlike the simulated marketplace before recalibration",
+        ],
+        "data": {
+            "source": "model/simulate.py replayed through the gate (model/dataset.py)",
+            "seed": cfg.seed,
+            "records": data.records,
+            "refunds": len(data),
+            "abuse_share": float(data.y.mean()),
+            "window": [_iso(start.timestamp()), _iso((start + timedelta(weeks=cfg.weeks)).timestamp())],
+            "scenarios": {str(n): int(c) for n, c in zip(names, counts, strict=True)},
+        },
+        "split": {name: part(getattr(split, name), split.weeks[name]) for name in ("train", "valid", "test")},
+        "training": {
+            "library": f"lightgbm {lgb.__version__}",
+            "trees": booster.num_trees(),
+            "max_trees": max_trees,
+            "early_stopping_rounds": EARLY_STOPPING_ROUNDS,
+            "velocity_dropout": dropout,
+            "supporting_features": list(SUPPORTING_FEATURES),
+            "supporting_gain": SUPPORTING_GAIN,
+            "params": {k: v for k, v in PARAMS.items() if k != "feature_contri"},
+        },
+        "thresholds": {
+            "hold": thresholds.hold,
+            "reject": thresholds.reject,
+            "chosen_on": "validation weeks",
+            "targets": {
+                "legit_held_or_rejected_max": ev.targets.legit_held,
+                "legit_rejected_max": ev.targets.legit_rejected,
+            },
+        },
         "degraded_approve_below_minor": degraded_below,
         "metrics": {
-            "test_roc_auc": test["roc_auc"], "test_average_precision": test["average_precision"],
+            "test_roc_auc": test["roc_auc"],
+            "test_average_precision": test["average_precision"],
             "test_abuse_held_or_rejected": test["abuse_held_or_rejected"],
             "test_legit_held_or_rejected": test["legit_held_or_rejected"],
             "test_legit_rejected": test["legit_rejected"],
             "test_abuse_held_at_target_legit_rate": ev.metrics["test_at_target"],
-            "test_recall_by_scenario": {s: v["held_or_rejected"]
-                                        for s, v in test["by_scenario"].items()},
+            "test_recall_by_scenario": {s: v["held_or_rejected"] for s, v in test["by_scenario"].items()},
             "test_degraded_gate_abuse_held": degraded["abuse_held_or_rejected"],
             "test_degraded_gate_legit_held": degraded["legit_held_or_rejected"],
             "baseline_same_fpr": base["test_at_k"],
@@ -197,25 +252,45 @@ def model_card(data: Dataset, split: Split, cfg: SimConfig, booster: lgb.Booster
 
 def main(argv: list[str] | None = None) -> None:
     """Command line of ``make train``."""
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m model.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--events", type=int, default=2_000_000, help="simulated records")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--max-trees", type=int, default=300,
-                        help="at most this many trees (the committed default bundle: <= 300)")
-    parser.add_argument("--dropout", type=float, default=0.2,
-                        help="share of training rows with every velocity feature masked")
-    parser.add_argument("--target-hold", type=float, default=DEFAULT_TARGETS.legit_held,
-                        help="largest share of legitimate refunds held or rejected")
-    parser.add_argument("--target-reject", type=float, default=DEFAULT_TARGETS.legit_rejected,
-                        help="largest share of legitimate refunds rejected")
+    parser.add_argument(
+        "--max-trees",
+        type=int,
+        default=300,
+        help="at most this many trees (the committed default bundle: <= 300)",
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.2, help="share of training rows with every velocity feature masked"
+    )
+    parser.add_argument(
+        "--target-hold",
+        type=float,
+        default=DEFAULT_TARGETS.legit_held,
+        help="largest share of legitimate refunds held or rejected",
+    )
+    parser.add_argument(
+        "--target-reject",
+        type=float,
+        default=DEFAULT_TARGETS.legit_rejected,
+        help="largest share of legitimate refunds rejected",
+    )
     parser.add_argument("--out", type=Path, default=BUNDLES, help="bundles directory")
     parser.add_argument("--reports", type=Path, default=REPORTS, help="reports directory")
-    parser.add_argument("--redis-url", default=os.environ.get("TRAIN_REDIS_URL"),
-                        help="a scratch Redis (default: start a throw-away redis-server)")
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("TRAIN_REDIS_URL"),
+        help="a scratch Redis (default: start a throw-away redis-server)",
+    )
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--no-current", action="store_true",
-                        help="do not point <out>/current at the new bundle")
+    parser.add_argument(
+        "--no-current", action="store_true", help="do not point <out>/current at the new bundle"
+    )
     args = parser.parse_args(argv)
     targets = evaluate.Targets(args.target_hold, args.target_reject)
     degraded_below = Settings().degraded_approve_below_minor
@@ -225,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     data = replay(cfg, args.redis_url)
     split = time_split(data.at, cfg.start.timestamp(), cfg.weeks)
     booster = fit(data, split, seed=args.seed, max_trees=args.max_trees, dropout=args.dropout)
-    thresholds = choose_thresholds(np.asarray(booster.predict(data.X[split.valid])),
-                                   data.y[split.valid], targets)
+    thresholds = choose_thresholds(
+        np.asarray(booster.predict(data.X[split.valid])), data.y[split.valid], targets
+    )
     model_txt = booster.model_to_string()
     version = "rg-" + hashlib.sha256(model_txt.encode()).hexdigest()[:12]
     with tempfile.TemporaryDirectory() as tmp:  # the gate's scorer, as a bundle would load it
@@ -234,22 +310,46 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(Path(tmp) / "model.txt", feature_names=FEATURE_NAMES)
     # LightGBM records the scaled gain of a supporting feature's split; undo it for importance.
     gain = booster.feature_importance("gain") / np.asarray(PARAMS["feature_contri"])
-    ev = evaluate.evaluate(model, thresholds, data, valid=split.valid, test=split.test,
-                           gain=gain, targets=targets,
-                           degraded_policy=DegradedPolicy(degraded_below))
-    card = model_card(data, split, cfg, booster, thresholds, ev, dropout=args.dropout,
-                      max_trees=args.max_trees, degraded_below=degraded_below)
+    ev = evaluate.evaluate(
+        model,
+        thresholds,
+        data,
+        valid=split.valid,
+        test=split.test,
+        gain=gain,
+        targets=targets,
+        degraded_policy=DegradedPolicy(degraded_below),
+    )
+    card = model_card(
+        data,
+        split,
+        cfg,
+        booster,
+        thresholds,
+        ev,
+        dropout=args.dropout,
+        max_trees=args.max_trees,
+        degraded_below=degraded_below,
+    )
     report = evaluate.write_report(ev, args.reports / version, version=version, card=card)
-    out = write_bundle(args.out / version, booster, version=version,
-                       thresholds={"hold": thresholds.hold, "reject": thresholds.reject},
-                       golden_X=golden_rows(data.X[split.test], 200, args.seed),
-                       metrics=ev.metrics, card=card,
-                       report=os.path.relpath(report, args.out / version),
-                       compile_so=not args.no_compile)
+    out = write_bundle(
+        args.out / version,
+        booster,
+        version=version,
+        thresholds={"hold": thresholds.hold, "reject": thresholds.reject},
+        golden_X=golden_rows(data.X[split.test], 200, args.seed),
+        metrics=ev.metrics,
+        card=card,
+        report=os.path.relpath(report, args.out / version),
+        compile_so=not args.no_compile,
+    )
     if not args.no_current:
         point_current(args.out, version)
-    print(f"bundle {out} ({booster.num_trees()} trees), report {report}, "
-          f"in {time.monotonic() - started:.0f} s\n{summary(ev)}", file=sys.stderr)
+    print(
+        f"bundle {out} ({booster.num_trees()} trees), report {report}, "
+        f"in {time.monotonic() - started:.0f} s\n{summary(ev)}",
+        file=sys.stderr,
+    )
 
 
 def replay(cfg: SimConfig, redis_url: str | None) -> Dataset:
@@ -258,8 +358,9 @@ def replay(cfg: SimConfig, redis_url: str | None) -> Dataset:
     redis = None if redis_url else start_redis()
     try:
         print(f"simulating (seed {cfg.seed}) and replaying through the gate", file=sys.stderr)
-        data = asyncio.run(build_dataset(simulate(cfg, progress=True),
-                                         redis_url or (redis.url if redis else "")))
+        data = asyncio.run(
+            build_dataset(simulate(cfg, progress=True), redis_url or (redis.url if redis else ""))
+        )
     finally:
         if redis is not None:
             redis.stop()
@@ -279,16 +380,21 @@ def summary(ev: evaluate.Evaluation) -> str:
     """The headline numbers, for the terminal."""
     test, degraded = ev.metrics["test"], ev.metrics["test_degraded_gate"]
     base = ev.metrics["baseline"]["test_at_k"]
-    lines = [f"test: AUC {test['roc_auc']:.4f}, abuse held/rejected "
-             f"{test['abuse_held_or_rejected']:.3f}, legit held "
-             f"{test['legit_held_or_rejected']:.4f}, legit rejected {test['legit_rejected']:.4f}",
-             f"degraded (gate): abuse held {degraded['abuse_held_or_rejected']:.3f}, legit held "
-             f"{degraded['legit_held_or_rejected']:.4f}"]
+    lines = [
+        f"test: AUC {test['roc_auc']:.4f}, abuse held/rejected "
+        f"{test['abuse_held_or_rejected']:.3f}, legit held "
+        f"{test['legit_held_or_rejected']:.4f}, legit rejected {test['legit_rejected']:.4f}",
+        f"degraded (gate): abuse held {degraded['abuse_held_or_rejected']:.3f}, legit held "
+        f"{degraded['legit_held_or_rejected']:.4f}",
+    ]
     if base:
-        lines.append(f"baseline (k={base['k']}) at legit held {base['legit_held']:.4f}: recall "
-                     f"{base['baseline_recall']:.3f} vs model {base['model_recall']:.3f}")
+        lines.append(
+            f"baseline (k={base['k']}) at legit held {base['legit_held']:.4f}: recall "
+            f"{base['baseline_recall']:.3f} vs model {base['model_recall']:.3f}"
+        )
     lines.append(f"thresholds: hold {ev.thresholds.hold:.4f}, reject {ev.thresholds.reject:.4f}")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

@@ -44,8 +44,7 @@ def rdb(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small but real bundle (compiled too) built by the model owners' packaging code."""
-    return build_synthetic_bundle(tmp_path_factory.mktemp("bundles") / "test-model",
-                                  version="test-model-1")
+    return build_synthetic_bundle(tmp_path_factory.mktemp("bundles") / "test-model", version="test-model-1")
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +63,9 @@ class RunningGate:
     settings: Settings
 
 
-async def start_gate(settings: Settings, bundle: Bundle | ModelWatcher | None, *,
-                     ready: bool = True) -> RunningGate:
+async def start_gate(
+    settings: Settings, bundle: Bundle | ModelWatcher | None, *, ready: bool = True
+) -> RunningGate:
     """Start a gate on a free port; with ``ready``, return once its health says SERVING (model
     loaded, Redis answered), so a first Check is never degraded by a slow connect."""
     gate = create_gate(settings, bundle)
@@ -73,7 +73,8 @@ async def start_gate(settings: Settings, bundle: Bundle | ModelWatcher | None, *
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gate.port}")
     if ready:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=""), timeout=20)
+            health_pb2.HealthCheckRequest(service=""), timeout=20
+        )
         async for update in watch:
             if update.status == health_pb2.HealthCheckResponse.SERVING:
                 break
@@ -88,13 +89,13 @@ async def stop_gate(running: RunningGate) -> None:
 
 
 @pytest_asyncio.fixture
-async def gate(redis_proc: RedisProcess, rdb: redis.Redis, bundle: Bundle
-               ) -> AsyncIterator[RunningGate]:
+async def gate(redis_proc: RedisProcess, rdb: redis.Redis, bundle: Bundle) -> AsyncIterator[RunningGate]:
     """A gate on an empty Redis, serving the test bundle, trusting client time. Its budget is
     generous: these tests are about behaviour, and a busy CI machine must not make them degrade
     (tests/test_faults.py holds the gate to the real budget)."""
-    settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url,
-                                 allow_client_time=True, budget_ms=250.0)
+    settings = Settings.from_env(
+        {}, listen="127.0.0.1:0", redis_url=redis_proc.url, allow_client_time=True, budget_ms=250.0
+    )
     running = await start_gate(settings, bundle)
     yield running
     await stop_gate(running)
@@ -107,11 +108,20 @@ def make_request(**overrides: object) -> pb.CheckRequest:
     """A valid CheckRequest (the same one on every call); keyword arguments replace fields."""
     now = NOW
     req = pb.CheckRequest(
-        refund_id="rf:1", account_id="acct:1", order_id="ord:1", merchant_id="m:1",
-        amount_minor=2500, order_amount_minor=5000, currency="EUR",
-        reason=pb.REFUND_REASON_DAMAGED, item_category=pb.ITEM_CATEGORY_PHYSICAL,
-        delivery_status=pb.DELIVERY_STATUS_DELIVERED, item_returned=True,
-        payment_method=pb.PAYMENT_METHOD_CARD, device_id="dev:1", ip="203.0.113.7",
+        refund_id="rf:1",
+        account_id="acct:1",
+        order_id="ord:1",
+        merchant_id="m:1",
+        amount_minor=2500,
+        order_amount_minor=5000,
+        currency="EUR",
+        reason=pb.REFUND_REASON_DAMAGED,
+        item_category=pb.ITEM_CATEGORY_PHYSICAL,
+        delivery_status=pb.DELIVERY_STATUS_DELIVERED,
+        item_returned=True,
+        payment_method=pb.PAYMENT_METHOD_CARD,
+        device_id="dev:1",
+        ip="203.0.113.7",
         geo_city="BER",
     )
     req.order_created_at.FromNanoseconds(int((now - 3 * 86400) * 1e9))

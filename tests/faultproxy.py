@@ -75,8 +75,9 @@ class FaultProxy:
             _reset(writer)
             return
         self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
-                             return_exceptions=True)
+        await asyncio.gather(
+            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+        )
         for w in (writer, up_writer):
             self._writers.discard(w)
             with contextlib.suppress(Exception):
@@ -98,11 +99,13 @@ class FaultProxy:
 
     def stop(self) -> None:
         """Close everything and stop the thread."""
+
         async def shutdown() -> None:
             if self._server is not None:
                 self._server.close()
             for writer in list(self._writers):
                 _reset(writer)
+
         self._run(shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

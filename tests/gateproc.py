@@ -49,18 +49,36 @@ def wait_serving(target: str, service: str = "", timeout_s: float = 20.0) -> Non
     raise AssertionError("gate never reported SERVING")
 
 
-def start_gate_process(redis_url: str, bundle_dir: Path, *args: str,
-                       env: dict[str, str] | None = None, wait: bool = True) -> GateProcess:
+def start_gate_process(
+    redis_url: str, bundle_dir: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True
+) -> GateProcess:
     """Start `refund-gate serve` on a free port and wait until it is SERVING."""
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="gate-", suffix=".log")[1])
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--model-dir", str(bundle_dir),
-             "--redis-url", redis_url, "--grace-s", "2", "--admin-listen", "",
-             "--budget-ms", "250", *args],  # behaviour tests; later args (e.g. a budget) win
-            stdout=subprocess.DEVNULL, stderr=log_file, text=True,
-            env={**os.environ, **(env or {})})
+            [
+                *CLI,
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--model-dir",
+                str(bundle_dir),
+                "--redis-url",
+                redis_url,
+                "--grace-s",
+                "2",
+                "--admin-listen",
+                "",
+                "--budget-ms",
+                "250",
+                *args,
+            ],  # behaviour tests; later args (e.g. a budget) win
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
     gate = GateProcess(proc, f"127.0.0.1:{port}", log_path)
     if wait:
         try:

@@ -34,6 +34,7 @@ def refresh_checksums(path: Path) -> None:
     def update(m: dict) -> None:
         m["files"] = {name: sha256_file(path / name) for name in m["files"]}
         m["checksum"] = m["files"]["model.txt"]
+
     edit_manifest(path, update)
 
 
@@ -49,9 +50,9 @@ def test_a_bundle_explains_by_reason_code(copy: Path) -> None:
     for row in rows.tolist():
         b.model.score(row)
         leaves = b.model.last_leaves()
-        np.testing.assert_allclose(b.explain(leaves),
-                                   policy.code_weights(b.model.contributions(leaves)),
-                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            b.explain(leaves), policy.code_weights(b.model.contributions(leaves)), rtol=0, atol=1e-12
+        )
 
 
 def test_corrupt_model_is_refused(copy: Path) -> None:
@@ -88,8 +89,11 @@ def test_feature_list_mismatch_is_refused(copy: Path) -> None:
 def test_model_trained_on_other_features_is_refused(copy: Path) -> None:
     X, y = synthetic_training_set(n=500)
     names = [f"f{i}" for i in range(len(FEATURE_NAMES))]
-    other = lgb.train({"objective": "binary", "verbosity": -1, "num_leaves": 4},
-                      lgb.Dataset(X, y, feature_name=names), num_boost_round=3)
+    other = lgb.train(
+        {"objective": "binary", "verbosity": -1, "num_leaves": 4},
+        lgb.Dataset(X, y, feature_name=names),
+        num_boost_round=3,
+    )
     other.save_model(str(copy / "model.txt"))
     refresh_checksums(copy)
     with pytest.raises(BundleError, match="test-model-1"):
@@ -105,21 +109,27 @@ def test_golden_vectors_that_do_not_reproduce_are_refused(copy: Path) -> None:
         load_bundle(copy)
 
 
-@pytest.mark.parametrize("thresholds", [{"hold": 0.9, "reject": 0.5}, {"hold": 0.5},
-                                        {"hold": "x", "reject": 1}, {"hold": 0, "reject": 0.5}])
+@pytest.mark.parametrize(
+    "thresholds",
+    [{"hold": 0.9, "reject": 0.5}, {"hold": 0.5}, {"hold": "x", "reject": 1}, {"hold": 0, "reject": 0.5}],
+)
 def test_insane_thresholds_are_refused(copy: Path, thresholds: dict) -> None:
     edit_manifest(copy, lambda m: m.update(thresholds=thresholds))
     with pytest.raises(BundleError, match="thresholds"):
         load_bundle(copy)
 
 
-def test_compiled_model_of_another_bundle_falls_back_to_the_portable_engine(copy: Path,
-                                                                           tmp_path: Path) -> None:
+def test_compiled_model_of_another_bundle_falls_back_to_the_portable_engine(
+    copy: Path, tmp_path: Path
+) -> None:
     from model.compile import compile_model
 
     X, y = synthetic_training_set(n=500)
-    other = lgb.train({"objective": "binary", "verbosity": -1, "num_leaves": 4},
-                      lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)), num_boost_round=3)
+    other = lgb.train(
+        {"objective": "binary", "verbosity": -1, "num_leaves": 4},
+        lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
+        num_boost_round=3,
+    )
     other.save_model(str(tmp_path / "other.txt"))
     compile_model(tmp_path / "other.txt", copy / "model.so")
     refresh_checksums(copy)

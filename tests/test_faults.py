@@ -45,8 +45,14 @@ class Rig:
 def rig(bundle_dir: Path) -> Iterator[Rig]:
     redis = start_redis()
     proxy = FaultProxy(redis.port).start()
-    gate = start_gate_process(f"redis://127.0.0.1:{proxy.port}/0", bundle_dir,
-                              "--budget-ms", str(BUDGET_MS), "--breaker-failures", "3")
+    gate = start_gate_process(
+        f"redis://127.0.0.1:{proxy.port}/0",
+        bundle_dir,
+        "--budget-ms",
+        str(BUDGET_MS),
+        "--breaker-failures",
+        "3",
+    )
     channel = grpc.insecure_channel(gate.target)
     grpc.channel_ready_future(channel).result(timeout=10)
     stub = pb_grpc.RefundGateStub(channel)
@@ -144,14 +150,22 @@ def test_redis_killed_and_restarted_empty(rig: Rig) -> None:
 
 
 def test_overload_is_shed_at_once_with_resource_exhausted(rig: Rig, bundle_dir: Path) -> None:
-    small = start_gate_process(f"redis://127.0.0.1:{rig.proxy.port}/0", bundle_dir,
-                               "--budget-ms", str(BUDGET_MS), "--max-concurrency", "4")
+    small = start_gate_process(
+        f"redis://127.0.0.1:{rig.proxy.port}/0",
+        bundle_dir,
+        "--budget-ms",
+        str(BUDGET_MS),
+        "--max-concurrency",
+        "4",
+    )
     rig.proxy.set_mode("latency", latency_s=0.010)  # each admitted call holds its slot ~10 ms
     try:
         with grpc.insecure_channel(small.target) as channel:
             stub = pb_grpc.RefundGateStub(channel)
-            futures = [stub.Check.future(make_request(refund_id=f"rf:o{i}", order_id=f"o:{i}"),
-                                         timeout=5) for i in range(40)]
+            futures = [
+                stub.Check.future(make_request(refund_id=f"rf:o{i}", order_id=f"o:{i}"), timeout=5)
+                for i in range(40)
+            ]
             codes = []
             for f in futures:
                 try:
@@ -171,16 +185,22 @@ def test_a_deadline_too_short_for_redis_gets_an_immediate_degraded_decision(
     # A deadline of a few ms would race the client's own expiry on a stalling host, so this gate
     # keeps 800 ms of its 1 s budget back for scoring: a 300 ms deadline then leaves Redis
     # nothing, and the client still has ample time to see the gate's answer.
-    gate = start_gate_process(f"redis://127.0.0.1:{rig.proxy.port}/0", bundle_dir,
-                              "--budget-ms", "1000", "--score-reserve-ms", "800",
-                              "--deadline-margin-ms", "2")
+    gate = start_gate_process(
+        f"redis://127.0.0.1:{rig.proxy.port}/0",
+        bundle_dir,
+        "--budget-ms",
+        "1000",
+        "--score-reserve-ms",
+        "800",
+        "--deadline-margin-ms",
+        "2",
+    )
     try:
         with grpc.insecure_channel(gate.target) as channel:
             stub = pb_grpc.RefundGateStub(channel)
             stub.Check(make_request(refund_id="rf:warm", order_id="o:warm"), timeout=5)
             keys_before = rig.redis.client().dbsize()
-            resp = stub.Check(make_request(refund_id="rf:short", order_id="o:short"),
-                              timeout=0.300)
+            resp = stub.Check(make_request(refund_id="rf:short", order_id="o:short"), timeout=0.300)
     finally:
         gate.stop()
     assert resp.degraded

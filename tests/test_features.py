@@ -18,18 +18,23 @@ def test_names_are_unique_and_request_features_come_first() -> None:
 
 
 def test_request_features() -> None:
-    req = make_request(reason=pb.REFUND_REASON_ITEM_NOT_RECEIVED,
-                       item_category=pb.ITEM_CATEGORY_DIGITAL_GOODS, order_created_at=NOW - 1800,
-                       amount_minor=1000, order_amount_minor=4000,
-                       payment_method=pb.PAYMENT_METHOD_BNPL)
+    req = make_request(
+        reason=pb.REFUND_REASON_ITEM_NOT_RECEIVED,
+        item_category=pb.ITEM_CATEGORY_DIGITAL_GOODS,
+        order_created_at=NOW - 1800,
+        amount_minor=1000,
+        order_amount_minor=4000,
+        payment_method=pb.PAYMENT_METHOD_BNPL,
+    )
     rf = features.from_request(req, NOW)
     row = features.assemble(rf, {})
     assert math.isclose(row[FEATURE_INDEX["minutes_order_to_request"]], 30.0)
     assert row[FEATURE_INDEX["refund_order_ratio"]] == 0.25
     assert row[FEATURE_INDEX["not_received_but_delivered"]] == 1.0
     assert row[FEATURE_INDEX["digital_quick_refund"]] == 1.0
-    assert rf.flags == (features.F_INR | features.F_INR_DELIVERED | features.F_DIGITAL_QUICK
-                        | features.F_BNPL)
+    assert rf.flags == (
+        features.F_INR | features.F_INR_DELIVERED | features.F_DIGITAL_QUICK | features.F_BNPL
+    )
 
 
 def test_unknown_values_are_nan() -> None:
@@ -43,9 +48,11 @@ def test_unknown_values_are_nan() -> None:
 
 def test_each_velocity_source_fills_exactly_its_features() -> None:
     rf = features.from_request(make_request(), NOW)
-    raw = {"account": dict.fromkeys(ACCOUNT_FIELDS, 1),
-           "device": dict.fromkeys(ENTITY_FIELDS, 2),
-           "merchant": dict.fromkeys(MERCHANT_FIELDS, 3)}
+    raw = {
+        "account": dict.fromkeys(ACCOUNT_FIELDS, 1),
+        "device": dict.fromkeys(ENTITY_FIELDS, 2),
+        "merchant": dict.fromkeys(MERCHANT_FIELDS, 3),
+    }
     row = features.assemble(rf, raw)  # type: ignore[arg-type]
     for i, f in enumerate(FEATURES):
         assert math.isnan(row[i]) == (f.source == "ip"), f.name

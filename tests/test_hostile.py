@@ -33,14 +33,41 @@ INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 TEXT = st.one_of(
     st.text(max_size=40),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=100, max_size=3000),
-    st.sampled_from(["", " ", "rf:1", "x" * 128, "x" * 129, "\x00", "e\u0301" * 50, "🙂" * 64,
-                     "1.2.3.4", "::1", "EUR", "eur", "‮RLO", "%s%n", "' OR 1=1 --"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "rf:1",
+            "x" * 128,
+            "x" * 129,
+            "\x00",
+            "e\u0301" * 50,
+            "🙂" * 64,
+            "1.2.3.4",
+            "::1",
+            "EUR",
+            "eur",
+            "‮RLO",
+            "%s%n",
+            "' OR 1=1 --",
+        ]
+    ),
 )
 FIELDS = {
-    "refund_id": TEXT, "account_id": TEXT, "order_id": TEXT, "merchant_id": TEXT,
-    "currency": TEXT, "device_id": TEXT, "ip": TEXT, "geo_city": TEXT,
-    "amount_minor": INT64, "order_amount_minor": INT64,
-    "reason": INT32, "item_category": INT32, "delivery_status": INT32, "payment_method": INT32,
+    "refund_id": TEXT,
+    "account_id": TEXT,
+    "order_id": TEXT,
+    "merchant_id": TEXT,
+    "currency": TEXT,
+    "device_id": TEXT,
+    "ip": TEXT,
+    "geo_city": TEXT,
+    "amount_minor": INT64,
+    "order_amount_minor": INT64,
+    "reason": INT32,
+    "item_category": INT32,
+    "delivery_status": INT32,
+    "payment_method": INT32,
     "item_returned": st.booleans(),
 }
 TIMESTAMPS = ("order_created_at", "account_created_at", "requested_at")
@@ -109,8 +136,7 @@ def status_of(call: object) -> tuple[grpc.StatusCode, object]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(req=requests())
-def test_any_check_request_is_answered_or_refused_precisely(target: Target,
-                                                            req: pb.CheckRequest) -> None:
+def test_any_check_request_is_answered_or_refused_precisely(target: Target, req: pb.CheckRequest) -> None:
     before = target.keys()
     code, resp = status_of(lambda: target.stub.Check(req, timeout=5))
     assert code in OK_OR_INVALID
@@ -125,8 +151,9 @@ def raw_bodies(draw: st.DrawFn) -> bytes:
     """Arbitrary bytes, or a valid request's bytes truncated, bit-flipped or spliced."""
     # A random id: a flipped bit in a counter-made id can turn it into an earlier example's id,
     # and the gate then rightly answers ALREADY_EXISTS (same refund id, different request).
-    valid = make_request(refund_id=f"rf:r{uuid.uuid4().hex}",
-                         requested_at=float(int(time.time()))).SerializeToString()
+    valid = make_request(
+        refund_id=f"rf:r{uuid.uuid4().hex}", requested_at=float(int(time.time()))
+    ).SerializeToString()
     kind = draw(st.sampled_from(["random", "truncate", "flip", "splice"]))
     if kind == "random":
         return draw(st.binary(max_size=2048))
@@ -134,15 +161,16 @@ def raw_bodies(draw: st.DrawFn) -> bytes:
         return valid[: draw(st.integers(0, len(valid) - 1))]
     if kind == "flip":
         i = draw(st.integers(0, len(valid) - 1))
-        return valid[:i] + bytes([valid[i] ^ (1 << draw(st.integers(0, 7)))]) + valid[i + 1:]
+        return valid[:i] + bytes([valid[i] ^ (1 << draw(st.integers(0, 7)))]) + valid[i + 1 :]
     return valid + draw(st.binary(min_size=1, max_size=64))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=raw_bodies(), method=st.sampled_from(["Check", "RecordEvents"]))
 def test_raw_bytes_never_crash_or_leak_internal(target: Target, body: bytes, method: str) -> None:
-    call = target.channel.unary_unary(f"/refundgate.v1.RefundGate/{method}",
-                                      request_serializer=None, response_deserializer=None)
+    call = target.channel.unary_unary(
+        f"/refundgate.v1.RefundGate/{method}", request_serializer=None, response_deserializer=None
+    )
     before = target.keys()
     code, raw = status_of(lambda: call(body, timeout=5))
     assert code in OK_OR_INVALID
@@ -154,8 +182,9 @@ def test_raw_bytes_never_crash_or_leak_internal(target: Target, body: bytes, met
 
 
 def test_undecodable_bytes_name_the_request(target: Target) -> None:
-    call = target.channel.unary_unary("/refundgate.v1.RefundGate/Check",
-                                      request_serializer=None, response_deserializer=None)
+    call = target.channel.unary_unary(
+        "/refundgate.v1.RefundGate/Check", request_serializer=None, response_deserializer=None
+    )
     with pytest.raises(grpc.RpcError) as info:
         call(b"\xff\xff\xff\xff", timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]

@@ -46,8 +46,11 @@ class Decided:
         """Labels, scenarios and decisions of the refunds from ``day`` on."""
         keep = np.flatnonzero(self.day >= day)
         d = self.decisions
-        return self.y[keep], self.scenario[keep], Decisions(
-            d.score[keep], d.decision[keep], [d.reasons[i] for i in keep], {})
+        return (
+            self.y[keep],
+            self.scenario[keep],
+            Decisions(d.score[keep], d.decision[keep], [d.reasons[i] for i in keep], {}),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,12 @@ def decided(redis_proc: RedisProcess) -> Iterator[Decided]:
     bundle = load_bundle(BUNDLES / "current")
     day = (data.at - SAMPLE.start.timestamp()) / DAY
     rows = np.flatnonzero(day >= 7)  # the counters start empty: skip the warm-up week
-    yield Decided(data.y[rows], data.scenario[rows], day[rows], decide_rows(
-        bundle.model, bundle.thresholds, data, rows, velocity=True, degraded_policy=None))
+    yield Decided(
+        data.y[rows],
+        data.scenario[rows],
+        day[rows],
+        decide_rows(bundle.model, bundle.thresholds, data, rows, velocity=True, degraded_policy=None),
+    )
     client.flushall()
     client.close()
 
@@ -70,8 +77,7 @@ def test_signals_cover_every_abuse_scenario() -> None:
 
 def test_each_abuse_scenario_is_explained_by_its_own_signal(decided: Decided) -> None:
     table = reason_table(decided.scenario, decided.decisions)
-    wrong = {s: table.get(s) for s, codes in SCENARIO_SIGNALS.items()
-             if top_reason(table, s) not in codes}
+    wrong = {s: table.get(s) for s, codes in SCENARIO_SIGNALS.items() if top_reason(table, s) not in codes}
     assert not wrong, f"most frequent first reason names another signal: {wrong}"
 
 

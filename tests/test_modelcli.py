@@ -61,8 +61,12 @@ def copy_bundle(bundle_dir: Path, dest: Path) -> Path:
 def with_thresholds(bundle_dir: Path, dest: Path, hold: float, reject: float) -> Path:
     """A copy of the test bundle with other thresholds and its own version."""
     copy_bundle(bundle_dir, dest)
-    edit_manifest(dest, lambda m: m.update(thresholds={"hold": hold, "reject": reject},
-                                           version=f"test-model-{hold}-{reject}"))
+    edit_manifest(
+        dest,
+        lambda m: m.update(
+            thresholds={"hold": hold, "reject": reject}, version=f"test-model-{hold}-{reject}"
+        ),
+    )
     refresh_checksums(dest)
     return dest
 
@@ -84,13 +88,11 @@ def test_validate_accepts_a_good_bundle(bundle_dir: Path) -> None:
     assert "rows reproduce on compiled and lightgbm" in out.stdout
 
 
-def test_validate_json_verdict(bundle_dir: Path, bundle: Bundle,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_json_verdict(bundle_dir: Path, bundle: Bundle, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "model", "validate", "--json", str(bundle_dir))
     verdict = json.loads(out)
     assert code == 0
-    assert (verdict["valid"], verdict["version"], verdict["engine"]) == (True, "test-model-1",
-                                                                         "compiled")
+    assert (verdict["valid"], verdict["version"], verdict["engine"]) == (True, "test-model-1", "compiled")
     assert verdict["num_trees"] == bundle.model.num_trees
     assert verdict["thresholds"] == {"hold": 0.5, "reject": 0.9}
     assert [c["name"] for c in verdict["checks"]] == list(CHECK_NAMES)
@@ -122,35 +124,43 @@ def _golden_row_too_short(b: Path) -> None:
 
 def _model_of_other_features(b: Path) -> None:
     X, y = synthetic_training_set(n=500)
-    other = lgb.train({"objective": "binary", "verbosity": -1, "num_leaves": 4},
-                      lgb.Dataset(X, y, feature_name=[f"f{i}" for i in range(X.shape[1])]),
-                      num_boost_round=3)
+    other = lgb.train(
+        {"objective": "binary", "verbosity": -1, "num_leaves": 4},
+        lgb.Dataset(X, y, feature_name=[f"f{i}" for i in range(X.shape[1])]),
+        num_boost_round=3,
+    )
     other.save_model(str(b / "model.txt"))
     refresh_checksums(b)
 
 
 BAD_BUNDLES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "no manifest": (lambda b: (b / "manifest.json").unlink(), "manifest", "no manifest.json"),
-    "manifest not JSON": (lambda b: (b / "manifest.json").write_text("{"), "manifest",
-                          "not valid JSON"),
+    "manifest not JSON": (lambda b: (b / "manifest.json").write_text("{"), "manifest", "not valid JSON"),
     "corrupt model.txt": (_corrupt_model, "checksums", "checksum of model.txt"),
-    "half-copied: golden.json missing": (lambda b: (b / "golden.json").unlink(), "checksums",
-                                         "golden.json is missing"),
+    "half-copied: golden.json missing": (
+        lambda b: (b / "golden.json").unlink(),
+        "checksums",
+        "golden.json is missing",
+    ),
     "half-copied: model.so truncated": (_half_copied_so, "checksums", "checksum of model.so"),
-    "feature list of another gate": (lambda b: edit_manifest(b, lambda m: m["features"].reverse()),
-                                     "features", "feature list differs"),
-    "hold above reject": (lambda b: edit_manifest(b, lambda m: m.update(
-        thresholds={"hold": 0.9, "reject": 0.5})), "thresholds", "thresholds are not sane"),
-    "model trained on other features": (_model_of_other_features, "model",
-                                        "model features differ"),
+    "feature list of another gate": (
+        lambda b: edit_manifest(b, lambda m: m["features"].reverse()),
+        "features",
+        "feature list differs",
+    ),
+    "hold above reject": (
+        lambda b: edit_manifest(b, lambda m: m.update(thresholds={"hold": 0.9, "reject": 0.5})),
+        "thresholds",
+        "thresholds are not sane",
+    ),
+    "model trained on other features": (_model_of_other_features, "model", "model features differ"),
     "golden score off by 1e-9": (_golden_off, "golden", "golden row 3"),
     "golden row of the wrong length": (_golden_row_too_short, "golden", "row has 47 values"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_BUNDLES))
-def test_validate_refuses_a_bad_bundle_naming_the_check(case: str, bundle_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_validate_refuses_a_bad_bundle_naming_the_check(case: str, bundle_dir: Path, tmp_path: Path) -> None:
     damage, failed, message = BAD_BUNDLES[case]
     b = copy_bundle(bundle_dir, tmp_path / "b")
     damage(b)
@@ -161,12 +171,13 @@ def test_validate_refuses_a_bad_bundle_naming_the_check(case: str, bundle_dir: P
     for name in CHECK_NAMES[:at]:
         assert f"✓ {name} " in out.stdout
     assert f"✗ {failed} " in out.stdout
-    for name in CHECK_NAMES[at + 1:]:
+    for name in CHECK_NAMES[at + 1 :]:
         assert f"· {name} " in out.stdout
 
 
-def test_validate_shows_the_fallback_engine_and_why(bundle_dir: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_shows_the_fallback_engine_and_why(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = copy_bundle(bundle_dir, tmp_path / "b")
     (b / "model.so").write_bytes(b"not a shared object")
     refresh_checksums(b)
@@ -187,20 +198,33 @@ def test_validate_usage_errors_exit_2(tmp_path: Path) -> None:
 
 CARD = {
     "intended_use": "Real-time refund abuse scoring; HOLD_FOR_REVIEW is not an accusation.",
-    "data": {"source": "model/simulate.py", "seed": 7, "refunds": 54755,
-             "window": [1767599717.0, 1771199763.0],
-             "scenarios": {"legit_normal": 900, "cashout_ring": 100}},
+    "data": {
+        "source": "model/simulate.py",
+        "seed": 7,
+        "refunds": 54755,
+        "window": [1767599717.0, 1771199763.0],
+        "scenarios": {"legit_normal": 900, "cashout_ring": 100},
+    },
     "targets": {"legit_held_max": 0.01, "legit_rejected_max": 0.001},
     "known_blind_spots": ["trained on simulated traffic only"],
 }
-METRICS = {"test": {"roc_auc": 0.99848,
-                    "recall_by_scenario": {"cashout_ring": 0.9541, "account_farm": 1.0,
-                                           "bnpl_cashout": 0.5, "account_hopping": 0.25}},
-           "train_rows": 32853}
+METRICS = {
+    "test": {
+        "roc_auc": 0.99848,
+        "recall_by_scenario": {
+            "cashout_ring": 0.9541,
+            "account_farm": 1.0,
+            "bnpl_cashout": 0.5,
+            "account_hopping": 0.25,
+        },
+    },
+    "train_rows": 32853,
+}
 
 
-def test_inspect_prints_card_metrics_and_files(bundle_dir: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_prints_card_metrics_and_files(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = copy_bundle(bundle_dir, tmp_path / "b")
     edit_manifest(b, lambda m: m.update(model_card=CARD, metrics=METRICS))
     code, out, _ = cli(capsys, "model", "inspect", str(b))
@@ -218,15 +242,15 @@ def test_inspect_prints_card_metrics_and_files(bundle_dir: Path, tmp_path: Path,
     assert "    - trained on simulated traffic only" in lines
     assert "    roc_auc:            0.9985" in lines
     nested = lines.index("    recall_by_scenario:")
-    assert lines[nested + 1:nested + 3] == ["      cashout_ring:    0.9541",
-                                            "      account_farm:    1"]
+    assert lines[nested + 1 : nested + 3] == ["      cashout_ring:    0.9541", "      account_farm:    1"]
     assert "  train_rows: 32,853" in lines
     for name in ("golden.json", "model.so", "model.txt"):
         assert any(line.startswith(f"  {name}") and line.endswith("✓") for line in lines)
 
 
-def test_inspect_reads_a_bundle_that_fails_validation(bundle_dir: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_reads_a_bundle_that_fails_validation(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = copy_bundle(bundle_dir, tmp_path / "b")
     _corrupt_model(b)
     (b / "golden.json").unlink()
@@ -247,8 +271,7 @@ def test_inspect_json_is_the_manifest(bundle_dir: Path, capsys: pytest.CaptureFi
     assert json.loads(out) == json.loads((bundle_dir / "manifest.json").read_text())
 
 
-def test_inspect_without_a_manifest_is_refused(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_without_a_manifest_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(capsys, "model", "inspect", str(tmp_path))
     assert code == 1 and "no manifest.json" in err
 
@@ -291,18 +314,19 @@ def test_promote_refuses_an_invalid_bundle_and_keeps_the_old_link(models: Path) 
     assert os.readlink(models / "current") == "b2"
 
 
-def test_promote_from_outside_the_model_dir_links_absolute(bundle_dir: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_promote_from_outside_the_model_dir_links_absolute(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     elsewhere = copy_bundle(bundle_dir, tmp_path / "elsewhere" / "b")
     (tmp_path / "models").mkdir()
-    code, _, err = cli(capsys, "model", "promote", str(elsewhere), "--model-dir",
-                       str(tmp_path / "models"))
+    code, _, err = cli(capsys, "model", "promote", str(elsewhere), "--model-dir", str(tmp_path / "models"))
     assert code == 0, err
     assert os.readlink(tmp_path / "models" / "current") == str(elsewhere.resolve())
 
 
-def test_promote_renames_a_new_link_over_the_old_one(models: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_promote_renames_a_new_link_over_the_old_one(
+    models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (models / "current").symlink_to("b1")
     made: list[tuple[str, Path, str]] = []
     real_symlink = os.symlink
@@ -322,7 +346,8 @@ def test_promote_renames_a_new_link_over_the_old_one(models: Path, monkeypatch: 
 
 
 def test_a_failed_swap_keeps_the_old_link_and_leaves_no_temporary(
-        models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (models / "current").symlink_to("b1")
 
     def refuse(src: object, dst: object) -> None:
@@ -335,8 +360,7 @@ def test_a_failed_swap_keeps_the_old_link_and_leaves_no_temporary(
     assert sorted(os.listdir(models)) == ["b1", "b2", "current"]
 
 
-def test_promote_will_not_replace_a_real_directory(models: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_promote_will_not_replace_a_real_directory(models: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (models / "current").mkdir()
     code, _, err = cli(capsys, "model", "promote", str(models / "b1"))
     assert code == 1 and "is not a symlink" in err
@@ -376,8 +400,7 @@ def test_unshadow_refuses_a_real_directory(models: Path, capsys: pytest.CaptureF
 # backtest
 
 
-def logged_decisions(bundle: Bundle, n: int = 400, seed: int = 5
-                     ) -> list[tuple[DecisionRecord, Facts]]:
+def logged_decisions(bundle: Bundle, n: int = 400, seed: int = 5) -> list[tuple[DecisionRecord, Facts]]:
     """Decisions as the gate logs them, made by ``bundle`` from known amounts, blocklist hits and
     degradation; returned with the Facts they were decided on (the truth a backtest rebuilds)."""
     X, _ = synthetic_training_set(n, seed)
@@ -398,19 +421,42 @@ def logged_decisions(bundle: Bundle, n: int = 400, seed: int = 5
         features = row.tolist()
         score = bundle.model.score(features)
         verdict = decide(score, bundle.thresholds, facts, DEGRADED)
-        out.append((DecisionRecord(
-            decision_id=f"d-{i}", at=1.7e9 + i, refund=f"r{i}", account="a", merchant="m",
-            order=f"o{i}", device="", ip="", features=features, score=score,
-            model_version=bundle.version, decision=verdict.decision, reasons=verdict.reasons,
-            degraded=degraded, latency_ms=1.0), facts))
+        out.append(
+            (
+                DecisionRecord(
+                    decision_id=f"d-{i}",
+                    at=1.7e9 + i,
+                    refund=f"r{i}",
+                    account="a",
+                    merchant="m",
+                    order=f"o{i}",
+                    device="",
+                    ip="",
+                    features=features,
+                    score=score,
+                    model_version=bundle.version,
+                    decision=verdict.decision,
+                    reasons=verdict.reasons,
+                    degraded=degraded,
+                    latency_ms=1.0,
+                ),
+                facts,
+            )
+        )
     return out
 
 
-def expected_matrix(logged: list[tuple[DecisionRecord, Facts]], candidate: Bundle
-                    ) -> dict[str, dict[str, int]]:
+def expected_matrix(
+    logged: list[tuple[DecisionRecord, Facts]], candidate: Bundle
+) -> dict[str, dict[str, int]]:
     """The transitions, decided from the true Facts (not from the rebuilt ones)."""
-    counts = Counter((r.decision, decide(candidate.model.score(r.features), candidate.thresholds,
-                                         facts, DEGRADED).decision) for r, facts in logged)
+    counts = Counter(
+        (
+            r.decision,
+            decide(candidate.model.score(r.features), candidate.thresholds, facts, DEGRADED).decision,
+        )
+        for r, facts in logged
+    )
     return {a: {b: counts[(a, b)] for b in DECISIONS} for a in DECISIONS}
 
 
@@ -427,8 +473,7 @@ def logged(bundle: Bundle) -> list[tuple[DecisionRecord, Facts]]:
     return records
 
 
-def test_facts_are_rebuilt_from_the_logged_features(logged: list[tuple[DecisionRecord, Facts]]
-                                                    ) -> None:
+def test_facts_are_rebuilt_from_the_logged_features(logged: list[tuple[DecisionRecord, Facts]]) -> None:
     for record, facts in logged:
         rebuilt = facts_from_record(parse_record(record.to_json()))
         assert rebuilt == facts
@@ -436,24 +481,32 @@ def test_facts_are_rebuilt_from_the_logged_features(logged: list[tuple[DecisionR
 
 
 def test_backtest_of_the_logging_bundle_changes_nothing(
-        bundle: Bundle, bundle_dir: Path, logged: list[tuple[DecisionRecord, Facts]],
-        tmp_path: Path) -> None:
+    bundle: Bundle, bundle_dir: Path, logged: list[tuple[DecisionRecord, Facts]], tmp_path: Path
+) -> None:
     lines = [r.to_json() for r, _ in logged]
     report = backtest(lines, bundle, DEGRADED)
     assert (report.replayed, report.changed, sum(report.skipped.values())) == (len(lines), 0, 0)
     assert report.matrix == expected_matrix(logged, bundle)
-    out = run_cli("model", "backtest", str(bundle_dir), "--jsonl",
-                  str(write_jsonl(tmp_path / "d.jsonl", lines)))
+    out = run_cli(
+        "model", "backtest", str(bundle_dir), "--jsonl", str(write_jsonl(tmp_path / "d.jsonl", lines))
+    )
     assert out.returncode == 0, out.stderr
     assert f"changed: 0 of {len(lines)} (0.0%)" in out.stdout
     assert f"{len(lines)} replayed, 0 skipped" in out.stdout
 
 
-@pytest.mark.parametrize(("hold", "reject", "moved"), [(0.2, 0.9, (APPROVE, HOLD)),
-                                                        (0.5, 0.6, (HOLD, REJECT))])
+@pytest.mark.parametrize(
+    ("hold", "reject", "moved"), [(0.2, 0.9, (APPROVE, HOLD)), (0.5, 0.6, (HOLD, REJECT))]
+)
 def test_backtest_of_edited_thresholds_shows_the_expected_transitions(
-        hold: float, reject: float, moved: tuple[str, str], bundle_dir: Path, tmp_path: Path,
-        logged: list[tuple[DecisionRecord, Facts]], capsys: pytest.CaptureFixture[str]) -> None:
+    hold: float,
+    reject: float,
+    moved: tuple[str, str],
+    bundle_dir: Path,
+    tmp_path: Path,
+    logged: list[tuple[DecisionRecord, Facts]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     candidate_dir = with_thresholds(bundle_dir, tmp_path / "candidate", hold, reject)
     candidate = load_bundle(candidate_dir)
     report = backtest([r.to_json() for r, _ in logged], candidate, DEGRADED)
@@ -468,16 +521,18 @@ def test_backtest_of_edited_thresholds_shows_the_expected_transitions(
     assert code == 0
     assert f"  {came} -> {went}: {n}" in out
     assert f"changed: {n} of {len(logged)} ({n / len(logged):.1%})" in out
-    code, out, _ = cli(capsys, "model", "backtest", str(candidate_dir), "--jsonl", str(jsonl),
-                       "--json")
+    code, out, _ = cli(capsys, "model", "backtest", str(candidate_dir), "--jsonl", str(jsonl), "--json")
     body = json.loads(out)
     assert body["matrix"] == report.matrix and body["changed"] == n
     assert body["transitions"] == [{"from": came, "to": went, "count": n}]
 
 
 def test_backtest_skips_records_it_cannot_replay_and_says_why(
-        bundle_dir: Path, tmp_path: Path, logged: list[tuple[DecisionRecord, Facts]],
-        capsys: pytest.CaptureFixture[str]) -> None:
+    bundle_dir: Path,
+    tmp_path: Path,
+    logged: list[tuple[DecisionRecord, Facts]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     good = [r.to_json() for r, _ in logged[:20]]
     record = json.loads(good[0])
     bad = [
@@ -491,20 +546,19 @@ def test_backtest_skips_records_it_cannot_replay_and_says_why(
     code, out, err = cli(capsys, "model", "backtest", str(bundle_dir), "--jsonl", str(jsonl))
     assert code == 0, err
     assert "read 25 logged decisions: 20 replayed, 5 skipped" in out
-    assert f"  skipped 2: {len(FEATURE_NAMES) - 1} features, the candidate takes " \
-           f"{len(FEATURE_NAMES)}" in out
+    assert f"  skipped 2: {len(FEATURE_NAMES) - 1} features, the candidate takes {len(FEATURE_NAMES)}" in out
     assert "  skipped 1: not valid JSON" in out
     assert "  skipped 1: logged decision 'MAYBE' is not one of" in out
     assert "  skipped 1: log10_amount or refund_order_ratio unknown or out of range" in out
 
 
-def test_backtest_limit_and_nothing_to_compare(bundle: Bundle,
-                                               logged: list[tuple[DecisionRecord, Facts]]) -> None:
+def test_backtest_limit_and_nothing_to_compare(
+    bundle: Bundle, logged: list[tuple[DecisionRecord, Facts]]
+) -> None:
     lines = [r.to_json() for r, _ in logged]
     assert backtest(lines, bundle, DEGRADED, limit=7).read == 7
     empty = backtest(["{not json"], bundle, DEGRADED)
-    assert (empty.replayed, empty.to_dict()["rates"], empty.to_dict()["changed_share"]) == (0, None,
-                                                                                            None)
+    assert (empty.replayed, empty.to_dict()["rates"], empty.to_dict()["changed_share"]) == (0, None, None)
 
 
 def test_read_jsonl_skips_blank_lines(tmp_path: Path) -> None:
@@ -515,13 +569,30 @@ def test_read_jsonl_skips_blank_lines(tmp_path: Path) -> None:
 
 def test_parse_record_reads_what_the_decision_log_writes() -> None:
     record = DecisionRecord(
-        decision_id="d", at=1.0, refund="r", account="a", merchant="m", order="o", device="",
-        ip="", features=[1.0, math.nan, 2.5], score=0.3, model_version="v1", decision=HOLD,
-        reasons=("BLOCKLISTED_IP", "NEW_ACCOUNT"), degraded=True, latency_ms=1.0)
+        decision_id="d",
+        at=1.0,
+        refund="r",
+        account="a",
+        merchant="m",
+        order="o",
+        device="",
+        ip="",
+        features=[1.0, math.nan, 2.5],
+        score=0.3,
+        model_version="v1",
+        decision=HOLD,
+        reasons=("BLOCKLISTED_IP", "NEW_ACCOUNT"),
+        degraded=True,
+        latency_ms=1.0,
+    )
     parsed = parse_record(record.to_json().encode())
     assert parsed.features[0] == 1.0 and math.isnan(parsed.features[1])
     assert (parsed.decision, parsed.reasons, parsed.degraded, parsed.model_version) == (
-        HOLD, ("BLOCKLISTED_IP", "NEW_ACCOUNT"), True, "v1")
+        HOLD,
+        ("BLOCKLISTED_IP", "NEW_ACCOUNT"),
+        True,
+        "v1",
+    )
     assert isinstance(parsed, LoggedDecision)
 
 
@@ -546,13 +617,27 @@ def test_read_stream_reads_every_entry_in_order_across_chunks(rdb: redis.Redis) 
     assert list(read_stream(rdb, "rg:nothing")) == []
 
 
-def test_backtest_from_the_redis_stream(redis_proc: RedisProcess, rdb: redis.Redis,
-                                        bundle_dir: Path, tmp_path: Path,
-                                        logged: list[tuple[DecisionRecord, Facts]]) -> None:
+def test_backtest_from_the_redis_stream(
+    redis_proc: RedisProcess,
+    rdb: redis.Redis,
+    bundle_dir: Path,
+    tmp_path: Path,
+    logged: list[tuple[DecisionRecord, Facts]],
+) -> None:
     candidate_dir = with_thresholds(bundle_dir, tmp_path / "candidate", 0.2, 0.9)
     fill_stream(rdb, "gate7:decisions", [r.to_json() for r, _ in logged])
-    out = run_cli("model", "backtest", str(candidate_dir), "--redis-url", redis_proc.url,
-                  "--key-prefix", "gate7", "--limit", "150", "--json")
+    out = run_cli(
+        "model",
+        "backtest",
+        str(candidate_dir),
+        "--redis-url",
+        redis_proc.url,
+        "--key-prefix",
+        "gate7",
+        "--limit",
+        "150",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body["read"] == body["replayed"] == 150
@@ -561,51 +646,65 @@ def test_backtest_from_the_redis_stream(redis_proc: RedisProcess, rdb: redis.Red
     assert body["candidate"]["version"] == "test-model-0.2-0.9"
 
 
-def test_export_then_backtest_matches_the_stream(redis_proc: RedisProcess, rdb: redis.Redis,
-                                                 bundle_dir: Path, tmp_path: Path,
-                                                 logged: list[tuple[DecisionRecord, Facts]],
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_then_backtest_matches_the_stream(
+    redis_proc: RedisProcess,
+    rdb: redis.Redis,
+    bundle_dir: Path,
+    tmp_path: Path,
+    logged: list[tuple[DecisionRecord, Facts]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     lines = [r.to_json() for r, _ in logged]
     fill_stream(rdb, "rg:decisions", lines)
     out_file = tmp_path / "export.jsonl"
-    code, out, err = cli(capsys, "model", "export-decisions", "--redis-url", redis_proc.url,
-                         "--out", str(out_file))
+    code, out, err = cli(
+        capsys, "model", "export-decisions", "--redis-url", redis_proc.url, "--out", str(out_file)
+    )
     assert code == 0, err
     assert f"exported {len(lines)} decisions" in out
     assert out_file.read_text().splitlines() == lines
     assert os.listdir(tmp_path) == ["export.jsonl"]  # the temporary file was renamed
-    from_file = cli(capsys, "model", "backtest", str(bundle_dir), "--jsonl", str(out_file),
-                    "--json")[1]
-    from_redis = cli(capsys, "model", "backtest", str(bundle_dir), "--redis-url", redis_proc.url,
-                     "--json")[1]
+    from_file = cli(capsys, "model", "backtest", str(bundle_dir), "--jsonl", str(out_file), "--json")[1]
+    from_redis = cli(capsys, "model", "backtest", str(bundle_dir), "--redis-url", redis_proc.url, "--json")[1]
     assert json.loads(from_file) == json.loads(from_redis)
-    code, _, _ = cli(capsys, "model", "export-decisions", "--redis-url", redis_proc.url,
-                     "--out", str(out_file), "--limit", "5")
+    code, _, _ = cli(
+        capsys,
+        "model",
+        "export-decisions",
+        "--redis-url",
+        redis_proc.url,
+        "--out",
+        str(out_file),
+        "--limit",
+        "5",
+    )
     assert code == 0 and out_file.read_text().splitlines() == lines[:5]
 
 
-def test_backtest_without_redis_is_refused_cleanly(bundle_dir: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_backtest_without_redis_is_refused_cleanly(
+    bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     code, _, err = cli(capsys, "model", "backtest", str(bundle_dir), "--redis-url", url)
     assert code == 1 and f"cannot read decisions from {url}" in err
 
 
-def test_backtest_usage_errors(bundle_dir: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_backtest_usage_errors(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:  # neither or both sources
         main(["model", "backtest", str(bundle_dir)])
     assert exited.value.code == 2
     with pytest.raises(SystemExit) as exited:
         main(["model", "backtest", str(bundle_dir), "--jsonl", "x", "--redis-url", "redis://h"])
     assert exited.value.code == 2
-    code, _, err = cli(capsys, "model", "backtest", str(bundle_dir), "--jsonl",
-                       str(tmp_path / "missing.jsonl"))
+    code, _, err = cli(
+        capsys, "model", "backtest", str(bundle_dir), "--jsonl", str(tmp_path / "missing.jsonl")
+    )
     assert code == 2 and "no such file" in err
 
 
-def test_backtest_refuses_an_invalid_candidate(bundle_dir: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_backtest_refuses_an_invalid_candidate(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = copy_bundle(bundle_dir, tmp_path / "b")
     _corrupt_model(b)
     jsonl = write_jsonl(tmp_path / "d.jsonl", [])
@@ -618,9 +717,10 @@ def test_backtest_refuses_an_invalid_candidate(bundle_dir: Path, tmp_path: Path,
 
 
 def test_building_the_parser_imports_no_heavy_module() -> None:
-    code = ("import sys, gate.cli; gate.cli.build_parser(); "
-            "print(sorted(m for m in ('lightgbm', 'numpy', 'redis', 'gate.bundle') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         check=True)
+    code = (
+        "import sys, gate.cli; gate.cli.build_parser(); "
+        "print(sorted(m for m in ('lightgbm', 'numpy', 'redis', 'gate.bundle') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

@@ -31,9 +31,11 @@ OBS = Path(__file__).resolve().parent.parent / "deploy" / "observability"
 DASHBOARD = OBS / "grafana-dashboard.json"
 RULE_FILES = (OBS / "recording-rules.yml", OBS / "alerts.yml")
 RULE_TESTS = OBS / "alerts.test.yml"
-INSTALL_PROMTOOL = ("promtool is not on PATH. Install it (Debian/Ubuntu: "
-                    "apt-get install -y prometheus, which provides /usr/bin/promtool); "
-                    ".ci/run installs it when missing.")
+INSTALL_PROMTOOL = (
+    "promtool is not on PATH. Install it (Debian/Ubuntu: "
+    "apt-get install -y prometheus, which provides /usr/bin/promtool); "
+    ".ci/run installs it when missing."
+)
 
 # Labels Prometheus adds when it scrapes; not on /metrics itself.
 SCRAPE_LABELS = {"job", "instance"}
@@ -105,17 +107,34 @@ def drive_every_metric(redis_proc: RedisProcess, bundle_dir: Path, tmp_path: Pat
     admin = f"127.0.0.1:{free_port()}"
     proxy = FaultProxy(redis_proc.port).start()
     gate = start_gate_process(
-        f"redis://127.0.0.1:{proxy.port}/0", bundle_dir, "--model-dir", str(models),
-        "--admin-listen", admin, "--model-poll-s", "0.05", "--max-concurrency", "2",
-        "--breaker-failures", "3", "--decision-log-queue", "1", "--budget-ms", "25")
+        f"redis://127.0.0.1:{proxy.port}/0",
+        bundle_dir,
+        "--model-dir",
+        str(models),
+        "--admin-listen",
+        admin,
+        "--model-poll-s",
+        "0.05",
+        "--max-concurrency",
+        "2",
+        "--breaker-failures",
+        "3",
+        "--decision-log-queue",
+        "1",
+        "--budget-ms",
+        "25",
+    )
     try:
         with grpc.insecure_channel(gate.target) as channel:
             stub = pb_grpc.RefundGateStub(channel)
             first = make_request(refund_id="rf:obs-1", order_id="o:obs-1")
             stub.Check(first)
             # Refund above the order amount: REJECT by the guard rule, whatever the score.
-            stub.Check(make_request(refund_id="rf:obs-2", order_id="o:obs-2", amount_minor=6000,
-                                    order_amount_minor=5000))
+            stub.Check(
+                make_request(
+                    refund_id="rf:obs-2", order_id="o:obs-2", amount_minor=6000, order_amount_minor=5000
+                )
+            )
             assert stub.Check(first).replayed  # answered from the stored decision
             with pytest.raises(grpc.RpcError):
                 stub.Check(make_request(refund_id="rf:obs-bad", currency="bad"))
@@ -124,16 +143,24 @@ def drive_every_metric(redis_proc: RedisProcess, bundle_dir: Path, tmp_path: Pat
 
             # Overload: two slots, each held ~10 ms by Redis latency, twenty calls at once.
             proxy.set_mode("latency", latency_s=0.010)
-            codes = call_all(stub, (make_request(refund_id=f"rf:obs-s{i}", order_id=f"o:obs-s{i}")
-                                    for i in range(20)))
+            codes = call_all(
+                stub, (make_request(refund_id=f"rf:obs-s{i}", order_id=f"o:obs-s{i}") for i in range(20))
+            )
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
 
             # Redis cut off: timeouts, then the breaker opens; degraded decisions (HOLD for
             # amounts above the degraded approve limit); the decision log's queue of 1 overflows.
             proxy.set_mode("blackhole")
             for i in range(8):
-                resp = stub.Check(make_request(refund_id=f"rf:obs-d{i}", order_id=f"o:obs-d{i}",
-                                               amount_minor=6000, order_amount_minor=9000), timeout=5)
+                resp = stub.Check(
+                    make_request(
+                        refund_id=f"rf:obs-d{i}",
+                        order_id=f"o:obs-d{i}",
+                        amount_minor=6000,
+                        order_amount_minor=9000,
+                    ),
+                    timeout=5,
+                )
                 assert resp.degraded
             cut_off = scrape(admin)
             proxy.set_mode("pass")
@@ -144,8 +171,7 @@ def drive_every_metric(redis_proc: RedisProcess, bundle_dir: Path, tmp_path: Pat
         (shadow / "manifest.json").write_text("{not json")
         (models / "shadow").symlink_to(shadow)
         deadline = time.monotonic() + 20
-        while "refused" not in values_of(final := scrape(admin), "refundgate_model_loads_total",
-                                         "result"):
+        while "refused" not in values_of(final := scrape(admin), "refundgate_model_loads_total", "result"):
             assert time.monotonic() < deadline, "the refused bundle was never counted"
     finally:
         proxy.set_mode("pass")
@@ -155,7 +181,8 @@ def drive_every_metric(redis_proc: RedisProcess, bundle_dir: Path, tmp_path: Pat
 
 
 def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(
-        redis_proc: RedisProcess, rdb: redis.Redis, bundle_dir: Path, tmp_path: Path) -> None:
+    redis_proc: RedisProcess, rdb: redis.Redis, bundle_dir: Path, tmp_path: Path
+) -> None:
     cut_off, final = drive_every_metric(redis_proc, bundle_dir, tmp_path)
     # The alert and the panel read refundgate_breaker_open == 1 as "open".
     assert [v for _, v in cut_off["refundgate_breaker_open"]] == [1.0]
@@ -184,8 +211,11 @@ def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(
             elif op == "=" and value not in seen:
                 problems.append(f'{name}{{{label}="{value}"}} never exported (seen: {sorted(seen)})')
             elif op == "=~" and re.fullmatch(r"\w+(\|\w+)*", value):
-                problems += [f'{name}{{{label}="{v}"}} never exported (seen: {sorted(seen)})'
-                             for v in value.split("|") if v not in seen]
+                problems += [
+                    f'{name}{{{label}="{v}"}} never exported (seen: {sorted(seen)})'
+                    for v in value.split("|")
+                    if v not in seen
+                ]
     all_labels = {key for labels in observed.values() for key in labels}
     for group in GROUPING.findall(text):
         for label in (g.strip() for g in group.split(",")):
@@ -216,18 +246,33 @@ def test_dashboard_is_valid_and_every_panel_says_what_it_shows() -> None:
             assert t.get("datasource") == p["datasource"], title
             for name, matchers in SELECTOR.findall(t["expr"]):
                 assert 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers, (
-                    f"{title}: {name} ignores the job/instance variables")
+                    f"{title}: {name} ignores the job/instance variables"
+                )
     titles = " ".join(p["title"].lower() for p in panels)
-    for topic in ("latency", "stage", "outcome", "model version", "degraded", "redis", "breaker",
-                  "shed", "invalid", "replays", "model loads", "decision log"):
+    for topic in (
+        "latency",
+        "stage",
+        "outcome",
+        "model version",
+        "degraded",
+        "redis",
+        "breaker",
+        "shed",
+        "invalid",
+        "replays",
+        "model loads",
+        "decision log",
+    ):
         assert topic in titles, f"no panel about {topic}"
 
 
 def test_every_runbook_points_at_an_existing_section_of_operations_md() -> None:
     operations = (OBS.parent.parent / "docs" / "OPERATIONS.md").read_text()
     anchors = set(re.findall(r'<a id="([^"]+)"></a>', operations))
-    anchors |= {re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
-                for h in re.findall(r"^#+ (.+)$", operations, re.MULTILINE)}
+    anchors |= {
+        re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
+        for h in re.findall(r"^#+ (.+)$", operations, re.MULTILINE)
+    }
     runbooks = re.findall(r'runbook: "docs/OPERATIONS\.md#([^"]+)"', RULE_FILES[1].read_text())
     alerts = re.findall(r"- alert: (\w+)", RULE_FILES[1].read_text())
     assert len(runbooks) == len(alerts) >= 10, "every alert needs a runbook"
@@ -260,8 +305,13 @@ def test_promtool_rule_unit_tests_pass() -> None:
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses each panel's query (Grafana's variables replaced by sample values)."""
-    substitutions = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h",
-                     "$job": ".*", "$instance": ".*"}
+    substitutions = {
+        "$__rate_interval": "5m",
+        "$__interval": "1m",
+        "$__range": "1h",
+        "$job": ".*",
+        "$instance": ".*",
+    }
     rules = []
     for i, expr in enumerate(e for e in dashboard_exprs() if not e.startswith("label_values(")):
         for var, value in substitutions.items():
@@ -286,4 +336,3 @@ def test_rule_files_fail_promtool_when_broken(tmp_path: Path) -> None:
     broken.write_text(RULE_FILES[1].read_text().replace("> 0.025", "> > 0.025"))
     out = run(promtool(), "check", "rules", str(broken), cwd=tmp_path)
     assert out.returncode != 0
-

@@ -64,16 +64,25 @@ class Rand:
     """Uniform draws spread evenly over [0, 1): the share refused is exactly the probability."""
 
     draws: Iterator[float] = field(
-        default_factory=lambda: itertools.cycle([(i + 0.5) / 100 for i in range(100)]))
+        default_factory=lambda: itertools.cycle([(i + 0.5) / 100 for i in range(100)])
+    )
 
     def __call__(self) -> float:
         return next(self.draws)
 
 
-def controller(core: Core | None, clock: Clock, *, shed_start: int = 32,
-               max_concurrency: int = 64) -> Admission:
-    return Admission(shed_start=shed_start, max_concurrency=max_concurrency, sample_s=SAMPLE_S,
-                     window_s=WINDOW_S, counter=core, clock=clock, rand=Rand())
+def controller(
+    core: Core | None, clock: Clock, *, shed_start: int = 32, max_concurrency: int = 64
+) -> Admission:
+    return Admission(
+        shed_start=shed_start,
+        max_concurrency=max_concurrency,
+        sample_s=SAMPLE_S,
+        window_s=WINDOW_S,
+        counter=core,
+        clock=clock,
+        rand=Rand(),
+    )
 
 
 def run(adm: Admission, clock: Clock, seconds: float, calls_per_s: float = 1000.0) -> list[bool]:
@@ -173,8 +182,9 @@ def test_a_failing_read_falls_back_to_counting_running_calls() -> None:
     def broken() -> int:
         raise RuntimeError("no channelz here")
 
-    adm = Admission(shed_start=2, max_concurrency=3, sample_s=SAMPLE_S, window_s=WINDOW_S,
-                    counter=broken, clock=clock)
+    adm = Admission(
+        shed_start=2, max_concurrency=3, sample_s=SAMPLE_S, window_s=WINDOW_S, counter=broken, clock=clock
+    )
     decisions = []
     for _ in range(4):
         clock.now += SAMPLE_S  # a read is due at every call
@@ -197,8 +207,9 @@ async def test_core_counts_calls_queued_before_python_takes_them() -> None:
         entered += 1
         return request
 
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
-        "M": grpc.unary_unary_rpc_method_handler(handler)}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.T", {"M": grpc.unary_unary_rpc_method_handler(handler)}),)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -225,7 +236,8 @@ async def test_the_gate_reads_its_own_servers_counters_and_registers_health_watc
     admission = gate.gate.service.admission
     assert admission.counter is not None  # create_gate found its server in channelz
     watch = health_pb2_grpc.HealthStub(gate.channel).Watch(
-        health_pb2.HealthCheckRequest(service=""), timeout=5)
+        health_pb2.HealthCheckRequest(service=""), timeout=5
+    )
     async for _ in watch:
         break  # the watcher is open on the server
     try:
@@ -277,8 +289,9 @@ async def closed_loop(target: str, callers: int, seconds: float) -> float:
             nonlocal done
             while time.perf_counter() < stop:
                 n = next(ids)
-                await check(make_request(refund_id=f"rf:m{n}", order_id=f"o:m{n}")
-                            .SerializeToString(), timeout=5)
+                await check(
+                    make_request(refund_id=f"rf:m{n}", order_id=f"o:m{n}").SerializeToString(), timeout=5
+                )
                 done += 1
 
         await asyncio.gather(*(caller() for _ in range(callers)))
@@ -289,10 +302,14 @@ async def open_loop(target: str, rate: float, seconds: float) -> tuple[list[Answ
     """Checks sent at ``rate``/s whatever the answers (as callers arrive in production), and one
     health check halfway through; returns every answer and the health status."""
     answers: list[Answer] = []
-    payloads = [make_request(refund_id=f"rf:o{i}", order_id=f"o:o{i}").SerializeToString()
-                for i in range(int(rate * seconds) + 1)]
-    async with grpc.aio.insecure_channel(target) as channel, \
-            grpc.aio.insecure_channel(target) as health_channel:
+    payloads = [
+        make_request(refund_id=f"rf:o{i}", order_id=f"o:o{i}").SerializeToString()
+        for i in range(int(rate * seconds) + 1)
+    ]
+    async with (
+        grpc.aio.insecure_channel(target) as channel,
+        grpc.aio.insecure_channel(target) as health_channel,
+    ):
         check = channel.unary_unary(CHECK)
 
         async def one(payload: bytes) -> None:
@@ -312,8 +329,11 @@ async def open_loop(target: str, rate: float, seconds: float) -> tuple[list[Answ
             while len(calls) < min(elapsed * rate, len(payloads)):
                 calls.append(asyncio.create_task(one(payloads[len(calls)])))
             if elapsed > seconds / 2 and health is None:
-                health = asyncio.ensure_future(health_stub.Check(
-                    health_pb2.HealthCheckRequest(service="refundgate.v1.RefundGate"), timeout=5))
+                health = asyncio.ensure_future(
+                    health_stub.Check(
+                        health_pb2.HealthCheckRequest(service="refundgate.v1.RefundGate"), timeout=5
+                    )
+                )
             await asyncio.sleep(0.001)  # pacing of the sender, not synchronisation
         await asyncio.gather(*calls)
         assert health is not None
@@ -334,8 +354,10 @@ def describe(max_rps: float, answers: list[Answer]) -> str:
     parts = [f"max {max_rps:.0f}/s, offered {OVERLOAD * max_rps:.0f}/s, after 0.5 s"]
     for code in sorted({a.code for a in answers}):
         lat = [a.latency_s * 1000 for a in answers if a.code == code]
-        parts.append(f"{code} {len(lat)} p50 {p(lat, 0.5):.0f} p90 {p(lat, 0.9):.0f} ms "
-                     f"({sum(a.degraded for a in answers if a.code == code)} degraded)")
+        parts.append(
+            f"{code} {len(lat)} p50 {p(lat, 0.5):.0f} p90 {p(lat, 0.9):.0f} ms "
+            f"({sum(a.degraded for a in answers if a.code == code)} degraded)"
+        )
     return "; ".join(parts)
 
 
@@ -352,13 +374,11 @@ async def test_a_saturated_gate_refuses_at_once_and_serves_the_rest(
     answers come back in tens of ms instead of queueing for the rest of the run, every refusal
     is counted, and health is answered throughout."""
     admin = f"127.0.0.1:{free_port()}"
-    gate = start_gate_process(redis_proc.url, bundle_dir, "--budget-ms", "25",
-                              "--admin-listen", admin)
+    gate = start_gate_process(redis_proc.url, bundle_dir, "--budget-ms", "25", "--admin-listen", admin)
     try:
         await closed_loop(gate.target, callers=16, seconds=0.2)  # warm-up (lazy imports, caches)
         # Median of three: one step slowed (or flattered) by a neighbour does not set the load.
-        max_rps = sorted([await closed_loop(gate.target, callers=16, seconds=0.3)
-                          for _ in range(3)])[1]
+        max_rps = sorted([await closed_loop(gate.target, callers=16, seconds=0.3) for _ in range(3)])[1]
         answers, health = await open_loop(gate.target, rate=OVERLOAD * max_rps, seconds=2.0)
         shed = shed_total(admin)
     finally:

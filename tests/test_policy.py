@@ -12,8 +12,13 @@ CALM = policy.DegradedPolicy(approve_below_minor=1000)
 
 
 def facts(**kw: object) -> policy.Facts:
-    base: dict[str, object] = {"amount_minor": 500, "order_amount_minor": 1000,
-                               "order_amount_asked": 500, "blocked": (), "degraded": False}
+    base: dict[str, object] = {
+        "amount_minor": 500,
+        "order_amount_minor": 1000,
+        "order_amount_asked": 500,
+        "blocked": (),
+        "degraded": False,
+    }
     base.update(kw)
     return policy.Facts(**base)  # type: ignore[arg-type]
 
@@ -25,8 +30,10 @@ def attribution(**by_feature: float) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize(("score", "decision"), [
-    (0.1, policy.APPROVE), (0.5, policy.HOLD), (0.89, policy.HOLD), (0.9, policy.REJECT)])
+@pytest.mark.parametrize(
+    ("score", "decision"),
+    [(0.1, policy.APPROVE), (0.5, policy.HOLD), (0.89, policy.HOLD), (0.9, policy.REJECT)],
+)
 def test_score_thresholds(score: float, decision: str) -> None:
     assert policy.decide(score, T, facts(), CALM).decision == decision
 
@@ -56,11 +63,19 @@ def test_blocklist_rejects() -> None:
 
 
 def test_model_reasons_come_from_the_features_that_pushed_the_score_up() -> None:
-    explain = attribution(acct_inr_delivered_30d=0.9, not_received_but_delivered=0.5,
-                          dev_accounts_7d=0.3, m_refunds_24h=0.2, log10_amount=-2.0)
+    explain = attribution(
+        acct_inr_delivered_30d=0.9,
+        not_received_but_delivered=0.5,
+        dev_accounts_7d=0.3,
+        m_refunds_24h=0.2,
+        log10_amount=-2.0,
+    )
     verdict = policy.decide(0.6, T, facts(), CALM, lambda: policy.code_weights(explain))
-    assert verdict.reasons == ("NOT_RECEIVED_BUT_DELIVERED", "MANY_ACCOUNTS_ON_DEVICE",
-                               "MERCHANT_REFUND_SPIKE")
+    assert verdict.reasons == (
+        "NOT_RECEIVED_BUT_DELIVERED",
+        "MANY_ACCOUNTS_ON_DEVICE",
+        "MERCHANT_REFUND_SPIKE",
+    )
 
 
 def test_degraded_approves_only_small_calm_refunds() -> None:
@@ -84,7 +99,8 @@ def test_thresholds_must_be_ordered() -> None:
 
 
 def test_a_reason_weighs_the_evidence_of_all_its_features() -> None:
-    explain = attribution(account_age_days=0.5, digital_quick_refund=0.3,
-                          acct_digital_quick_7d=0.2, m_digital_quick_24h=0.1)
+    explain = attribution(
+        account_age_days=0.5, digital_quick_refund=0.3, acct_digital_quick_7d=0.2, m_digital_quick_24h=0.1
+    )
     verdict = policy.decide(0.6, T, facts(), CALM, lambda: policy.code_weights(explain))
     assert verdict.reasons[:2] == ("DIGITAL_GOODS_QUICK_REFUND", "NEW_ACCOUNT")

@@ -65,9 +65,16 @@ def merchant_count(client: redis.Redis, merchant: str, counter: int) -> int:
 def rig(bundle_dir: Path) -> Iterator[tuple[GateProcess, FaultProxy, object]]:
     redis = start_redis()
     proxy = FaultProxy(redis.port).start()
-    gate = start_gate_process(f"redis://127.0.0.1:{proxy.port}/0", bundle_dir,
-                              "--budget-ms", "50", "--max-concurrency", "1000",
-                              "--shed-start", "1000")  # idempotency, not overload, is tested here
+    gate = start_gate_process(
+        f"redis://127.0.0.1:{proxy.port}/0",
+        bundle_dir,
+        "--budget-ms",
+        "50",
+        "--max-concurrency",
+        "1000",
+        "--shed-start",
+        "1000",
+    )  # idempotency, not overload, is tested here
     try:
         yield gate, proxy, redis
     finally:
@@ -78,10 +85,15 @@ def rig(bundle_dir: Path) -> Iterator[tuple[GateProcess, FaultProxy, object]]:
 
 def refund(i: int) -> pb.CheckRequest:
     rng = random.Random(i)
-    return make_request(refund_id=f"rf:race{i}", order_id=f"ord:race{i}",
-                        account_id=f"acct:{rng.randrange(400)}", device_id=f"dev:{rng.randrange(250)}",
-                        ip=f"198.51.100.{rng.randrange(200)}", merchant_id=f"m:{rng.randrange(40)}",
-                        amount_minor=100 + rng.randrange(2000))
+    return make_request(
+        refund_id=f"rf:race{i}",
+        order_id=f"ord:race{i}",
+        account_id=f"acct:{rng.randrange(400)}",
+        device_id=f"dev:{rng.randrange(250)}",
+        ip=f"198.51.100.{rng.randrange(200)}",
+        merchant_id=f"m:{rng.randrange(40)}",
+        amount_minor=100 + rng.randrange(2000),
+    )
 
 
 def traffic() -> list[int]:
@@ -109,8 +121,7 @@ async def flap(proxy: FaultProxy, stop: asyncio.Event) -> int:
     return flaps
 
 
-async def check_until_counted(stub: pb_grpc.RefundGateStub, req: pb.CheckRequest
-                              ) -> pb.CheckResponse:
+async def check_until_counted(stub: pb_grpc.RefundGateStub, req: pb.CheckRequest) -> pb.CheckResponse:
     """A caller's retry loop: the same request until an answer that is not degraded."""
     for _ in range(200):
         resp = await stub.Check(req, timeout=5)
@@ -129,7 +140,7 @@ async def test_checks_count_each_refund_once_through_flaps(rig: tuple) -> None:
         flapper = asyncio.create_task(flap(proxy, stop))
         first_pass: list[pb.CheckResponse] = []
         for start in range(0, len(order), BATCH):
-            batch = order[start:start + BATCH]
+            batch = order[start : start + BATCH]
             first_pass += await asyncio.gather(*(stub.Check(refund(i), timeout=5) for i in batch))
         stop.set()
         flaps = await flapper
@@ -169,16 +180,24 @@ async def test_checks_count_each_refund_once_through_flaps(rig: tuple) -> None:
 
 def order_event(i: int) -> pb.Event:
     rng = random.Random(10_000 + i)
-    ev = pb.Event(event_id=f"ev:race{i}", type=pb.EVENT_TYPE_ORDER_PLACED,
-                  account_id=f"acct:{rng.randrange(300)}", merchant_id=f"m:{rng.randrange(30)}",
-                  order_id=f"ord:ev{i}", amount_minor=1000, currency="EUR",
-                  item_category=pb.ITEM_CATEGORY_PHYSICAL, payment_method=pb.PAYMENT_METHOD_CARD)
+    ev = pb.Event(
+        event_id=f"ev:race{i}",
+        type=pb.EVENT_TYPE_ORDER_PLACED,
+        account_id=f"acct:{rng.randrange(300)}",
+        merchant_id=f"m:{rng.randrange(30)}",
+        order_id=f"ord:ev{i}",
+        amount_minor=1000,
+        currency="EUR",
+        item_category=pb.ITEM_CATEGORY_PHYSICAL,
+        payment_method=pb.PAYMENT_METHOD_CARD,
+    )
     ev.occurred_at.FromSeconds(int(NOW))
     return ev
 
 
-async def record_until_accepted(stub: pb_grpc.RefundGateStub, events: list[pb.Event]
-                                ) -> pb.RecordEventsResponse:
+async def record_until_accepted(
+    stub: pb_grpc.RefundGateStub, events: list[pb.Event]
+) -> pb.RecordEventsResponse:
     for _ in range(200):
         try:
             return await stub.RecordEvents(pb.RecordEventsRequest(events=events), timeout=5)
@@ -198,9 +217,12 @@ async def test_events_count_each_event_id_once_through_flaps(rig: tuple) -> None
         stop = asyncio.Event()
         flapper = asyncio.create_task(flap(proxy, stop))
         started = time.monotonic()
-        responses = await asyncio.gather(*(
-            record_until_accepted(stub, [order_event(i) for i in stream[s:s + 25]])
-            for s in range(0, len(stream), 25)))
+        responses = await asyncio.gather(
+            *(
+                record_until_accepted(stub, [order_event(i) for i in stream[s : s + 25]])
+                for s in range(0, len(stream), 25)
+            )
+        )
         stop.set()
         await flapper
     assert time.monotonic() - started < 60

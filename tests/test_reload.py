@@ -36,12 +36,28 @@ from tests.test_bundle import edit_manifest, refresh_checksums
 def second_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another real model (other trees, other thresholds) to swap with the test bundle."""
     X, y = synthetic_training_set(seed=11)
-    booster = lgb.train({"objective": "binary", "num_leaves": 7, "verbosity": -1, "seed": 2,
-                         "deterministic": True, "num_threads": 1},
-                        lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)), num_boost_round=25)
+    booster = lgb.train(
+        {
+            "objective": "binary",
+            "num_leaves": 7,
+            "verbosity": -1,
+            "seed": 2,
+            "deterministic": True,
+            "num_threads": 1,
+        },
+        lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES)),
+        num_boost_round=25,
+    )
     out = tmp_path_factory.mktemp("second") / "model-b"
-    return write_bundle(out, booster, version="model-b", thresholds={"hold": 0.3, "reject": 0.8},
-                        golden_X=golden_rows(X, 30, seed=2), metrics={}, card={})
+    return write_bundle(
+        out,
+        booster,
+        version="model-b",
+        thresholds={"hold": 0.3, "reject": 0.8},
+        golden_X=golden_rows(X, 30, seed=2),
+        metrics={},
+        card={},
+    )
 
 
 @pytest.fixture
@@ -63,12 +79,12 @@ def point(model_dir: Path, slot: str, target: str) -> None:
 
 
 @pytest_asyncio.fixture
-async def live(redis_proc: RedisProcess, rdb: redis.Redis, model_dir: Path
-               ) -> AsyncIterator[tuple[RunningGate, ModelWatcher]]:
+async def live(
+    redis_proc: RedisProcess, rdb: redis.Redis, model_dir: Path
+) -> AsyncIterator[tuple[RunningGate, ModelWatcher]]:
     watcher = ModelWatcher(model_dir, ModelHolder(), poll_s=3600)  # the tests drive check()
     watcher.load_initial()
-    settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url,
-                                 budget_ms=250.0)
+    settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=redis_proc.url, budget_ms=250.0)
     running = await start_gate(settings, watcher)
     yield running, watcher
     await stop_gate(running)
@@ -76,7 +92,8 @@ async def live(redis_proc: RedisProcess, rdb: redis.Redis, model_dir: Path
 
 async def status(running: RunningGate) -> admin_pb2.ModelStatus:
     return await admin_pb2_grpc.GateAdminStub(running.channel).GetModelStatus(
-        admin_pb2.GetModelStatusRequest())
+        admin_pb2.GetModelStatusRequest()
+    )
 
 
 async def test_swapping_current_loads_the_new_bundle_and_keeps_the_old(live: tuple) -> None:
@@ -87,8 +104,7 @@ async def test_swapping_current_loads_the_new_bundle_and_keeps_the_old(live: tup
     resp = await running.stub.Check(make_request(refund_id="rf:2", order_id="o:2"))
     assert resp.model_version == "model-b"
     st = await status(running)
-    assert (st.live.version, st.previous.version, st.live.engine) == (
-        "model-b", "test-model-1", "compiled")
+    assert (st.live.version, st.previous.version, st.live.engine) == ("model-b", "test-model-1", "compiled")
     assert st.live.loaded_at.seconds > 0 and st.live.hold_threshold == 0.3
 
 
@@ -130,10 +146,16 @@ def wrong_golden(path: Path) -> None:
     refresh_checksums(path)
 
 
-@pytest.mark.parametrize(("damage", "reason"), [
-    (corrupt, "checksum of model.txt"), (truncate, "checksum of model.txt"),
-    (mismatch, "feature list differs"), (half_copied, "golden.json is missing"),
-    (wrong_golden, "golden row 0")])
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (corrupt, "checksum of model.txt"),
+        (truncate, "checksum of model.txt"),
+        (mismatch, "feature list differs"),
+        (half_copied, "golden.json is missing"),
+        (wrong_golden, "golden row 0"),
+    ],
+)
 async def test_a_bad_bundle_is_refused_and_the_live_one_keeps_serving(
     live: tuple, damage: object, reason: str
 ) -> None:
@@ -150,13 +172,13 @@ async def test_a_bad_bundle_is_refused_and_the_live_one_keeps_serving(
     assert st.last_refusal.path.endswith("current")
 
 
-async def test_shadow_scores_every_request_but_never_decides(live: tuple, rdb: redis.Redis
-                                                             ) -> None:
+async def test_shadow_scores_every_request_but_never_decides(live: tuple, rdb: redis.Redis) -> None:
     running, watcher = live
     point(watcher.model_dir, "shadow", "b")
     await watcher.check()
-    responses = [await running.stub.Check(make_request(refund_id=f"rf:s{i}", order_id=f"o:s{i}"))
-                 for i in range(5)]
+    responses = [
+        await running.stub.Check(make_request(refund_id=f"rf:s{i}", order_id=f"o:s{i}")) for i in range(5)
+    ]
     assert {r.model_version for r in responses} == {"test-model-1"}
     log = running.gate.decision_log
     assert log is not None
@@ -193,9 +215,13 @@ async def test_twenty_reloads_under_load_fail_no_call_and_mix_no_models(
             n += 1
             generation = swaps
             try:
-                responses.append(await running.stub.Check(
-                    make_request(refund_id=f"rf:l{k}-{n}", order_id=f"o:l{k}-{n}",
-                                 account_id=f"acct:l{k}")))
+                responses.append(
+                    await running.stub.Check(
+                        make_request(
+                            refund_id=f"rf:l{k}-{n}", order_id=f"o:l{k}-{n}", account_id=f"acct:l{k}"
+                        )
+                    )
+                )
                 started_after.append(generation)
                 answered.set()
             except grpc.aio.AioRpcError as err:
@@ -234,8 +260,9 @@ async def test_twenty_reloads_under_load_fail_no_call_and_mix_no_models(
         assert entry["score"] == models[entry["model_version"]].score(row)
 
 
-async def test_the_collector_runs_again_after_a_load_loaded_or_refused(tmp_path: Path,
-                                                                       bundle_dir: Path) -> None:
+async def test_the_collector_runs_again_after_a_load_loaded_or_refused(
+    tmp_path: Path, bundle_dir: Path
+) -> None:
     frozen = gc.get_freeze_count()
     with pytest.raises(BundleError):
         await reloader._load_in_thread(tmp_path / "nothing here")

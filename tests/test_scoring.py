@@ -219,8 +219,7 @@ def test_grouped_contributions_are_the_per_feature_ones_summed_by_group(trained:
     grouped = model.grouped_contributions(groups)
     for row in trained.X[:100].tolist():
         _, leaves = model.score_with_leaves(row)
-        np.testing.assert_allclose(grouped(leaves), model.contributions(leaves) @ groups,
-                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(grouped(leaves), model.contributions(leaves) @ groups, rtol=0, atol=1e-12)
     with pytest.raises(ValueError):
         model.grouped_contributions(groups[:-1])
 
@@ -233,8 +232,9 @@ def test_portable_twin_scores_on_lightgbm_and_shares_what_was_loaded(trained: Tr
     expected = trained.booster.predict(X)
     for row, want in zip(X.tolist(), expected, strict=True):
         assert abs(twin.score(row) - want) <= TOLERANCE
-        np.testing.assert_array_equal(twin.contributions(twin.last_leaves()),
-                                      model.contributions(model.score_with_leaves(row)[1]))
+        np.testing.assert_array_equal(
+            twin.contributions(twin.last_leaves()), model.contributions(model.score_with_leaves(row)[1])
+        )
     assert twin._saabas_table is model._saabas_table  # one table, not a second load
     assert twin.portable() is twin
 

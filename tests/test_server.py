@@ -50,15 +50,19 @@ async def test_check_returns_a_decision_from_the_model(gate: RunningGate) -> Non
 async def test_invalid_request_names_every_bad_field_and_counts_nothing(
     gate: RunningGate, rdb: redis.Redis
 ) -> None:
-    req = make_request(refund_id="bad id!", amount_minor=0, currency="eur",
-                       reason=pb.REFUND_REASON_UNSPECIFIED, ip="999.1.1.1")
+    req = make_request(
+        refund_id="bad id!",
+        amount_minor=0,
+        currency="eur",
+        reason=pb.REFUND_REASON_UNSPECIFIED,
+        ip="999.1.1.1",
+    )
     req.ClearField("order_created_at")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gate.stub.Check(req)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     bad = field_violations(info.value)
-    assert set(bad) == {"refund_id", "amount_minor", "currency", "reason", "ip",
-                        "order_created_at"}
+    assert set(bad) == {"refund_id", "amount_minor", "currency", "reason", "ip", "order_created_at"}
     assert "999" not in info.value.details() and "bad id" not in str(bad)
     assert rdb.dbsize() == 0
 
@@ -83,7 +87,10 @@ async def test_retry_returns_the_stored_answer_and_counts_nothing(
     await _until_stored(gate, rdb)
     assert again.replayed and not first.replayed
     assert (again.decision, again.score, again.decision_id) == (
-        first.decision, first.score, first.decision_id)
+        first.decision,
+        first.score,
+        first.decision_id,
+    )
     assert _snapshot(rdb) == before
 
 
@@ -99,21 +106,22 @@ async def test_reused_refund_id_with_other_content_is_already_exists(
     assert _snapshot(rdb) == before
 
 
-async def test_reused_refund_id_on_another_account_is_taken_back(
-    gate: RunningGate, rdb: redis.Redis
-) -> None:
+async def test_reused_refund_id_on_another_account_is_taken_back(gate: RunningGate, rdb: redis.Redis) -> None:
     await gate.stub.Check(make_request())
     await _until_stored(gate, rdb)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gate.stub.Check(make_request(account_id="acct:other", device_id="dev:other"))
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    resp = await gate.stub.Check(make_request(refund_id="rf:2", account_id="acct:other",
-                                              device_id="dev:other", order_id="ord:2"))
+    resp = await gate.stub.Check(
+        make_request(refund_id="rf:2", account_id="acct:other", device_id="dev:other", order_id="ord:2")
+    )
     assert resp.decision  # the other account's first real refund counts as its first
     store = gate.gate.service.store
-    rf_facts = store.refund_facts(make_request(refund_id="rf:3", account_id="acct:other",
-                                               device_id="dev:other", order_id="ord:3"),
-                                  time.time(), 0)
+    rf_facts = store.refund_facts(
+        make_request(refund_id="rf:3", account_id="acct:other", device_id="dev:other", order_id="ord:3"),
+        time.time(),
+        0,
+    )
     velocity = await store.record_and_read(rf_facts, 1.0)
     assert velocity.counters["account"] is not None
     assert velocity.counters["account"]["refunds_24h"] == 2  # rf:2 and rf:3, not the conflict
@@ -121,15 +129,12 @@ async def test_reused_refund_id_on_another_account_is_taken_back(
     assert velocity.counters["device"]["refunds_24h"] == 2
 
 
-async def test_fifty_concurrent_identical_checks_count_once(
-    gate: RunningGate, rdb: redis.Redis
-) -> None:
+async def test_fifty_concurrent_identical_checks_count_once(gate: RunningGate, rdb: redis.Redis) -> None:
     responses = await asyncio.gather(*(gate.stub.Check(make_request()) for _ in range(50)))
     assert len({r.decision_id for r in responses}) == 1
     assert sum(not r.replayed for r in responses) == 1
     store = gate.gate.service.store
-    probe = store.refund_facts(make_request(refund_id="rf:probe", order_id="ord:p"),
-                               time.time(), 0)
+    probe = store.refund_facts(make_request(refund_id="rf:probe", order_id="ord:p"), time.time(), 0)
     velocity = await store.record_and_read(probe, 1.0)
     for source in ("account", "device", "ip", "merchant"):
         counters = velocity.counters[source]
@@ -161,8 +166,10 @@ async def test_blocklisted_device_is_rejected(gate: RunningGate, redis_proc: Red
 
 
 async def test_hold_and_reject_carry_model_reasons(gate: RunningGate) -> None:
-    risky = [make_request(refund_id=f"rf:{i}", order_id=f"ord:{i}",
-                          reason=pb.REFUND_REASON_ITEM_NOT_RECEIVED) for i in range(6)]
+    risky = [
+        make_request(refund_id=f"rf:{i}", order_id=f"ord:{i}", reason=pb.REFUND_REASON_ITEM_NOT_RECEIVED)
+        for i in range(6)
+    ]
     responses = [await gate.stub.Check(r) for r in risky]
     flagged = [r for r in responses if r.decision != pb.DECISION_APPROVE]
     assert flagged, "the test model flags repeated 'not received' on delivered orders"
@@ -175,17 +182,24 @@ async def test_hold_and_reject_carry_model_reasons(gate: RunningGate) -> None:
 
 async def test_record_events_counts_each_event_id_once(gate: RunningGate) -> None:
     now = time.time()
-    ev = pb.Event(event_id="ev:1", type=pb.EVENT_TYPE_ORDER_PLACED, account_id="acct:1",
-                  merchant_id="m:1", order_id="ord:9", amount_minor=1000, currency="EUR",
-                  item_category=pb.ITEM_CATEGORY_PHYSICAL, payment_method=pb.PAYMENT_METHOD_BNPL)
+    ev = pb.Event(
+        event_id="ev:1",
+        type=pb.EVENT_TYPE_ORDER_PLACED,
+        account_id="acct:1",
+        merchant_id="m:1",
+        order_id="ord:9",
+        amount_minor=1000,
+        currency="EUR",
+        item_category=pb.ITEM_CATEGORY_PHYSICAL,
+        payment_method=pb.PAYMENT_METHOD_BNPL,
+    )
     ev.occurred_at.FromNanoseconds(int(now * 1e9))
     first = await gate.stub.RecordEvents(pb.RecordEventsRequest(events=[ev]))
     again = await gate.stub.RecordEvents(pb.RecordEventsRequest(events=[ev, ev]))
     assert (first.accepted, first.duplicates) == (1, 0)
     assert (again.accepted, again.duplicates) == (0, 2)
     store = gate.gate.service.store
-    velocity = await store.record_and_read(
-        store.refund_facts(make_request(), now, 0), 1.0)
+    velocity = await store.record_and_read(store.refund_facts(make_request(), now, 0), 1.0)
     assert velocity.counters["account"] is not None and velocity.counters["merchant"] is not None
     assert velocity.counters["account"]["orders_30d"] == 1
     assert velocity.counters["merchant"]["orders_7d"] == 1
@@ -193,22 +207,29 @@ async def test_record_events_counts_each_event_id_once(gate: RunningGate) -> Non
 
 
 async def test_record_events_rejects_a_bad_batch_whole(gate: RunningGate, rdb: redis.Redis) -> None:
-    good = pb.Event(event_id="ev:1", type=pb.EVENT_TYPE_ORDER_DELIVERED, account_id="acct:1",
-                    merchant_id="m:1", order_id="ord:1")
+    good = pb.Event(
+        event_id="ev:1",
+        type=pb.EVENT_TYPE_ORDER_DELIVERED,
+        account_id="acct:1",
+        merchant_id="m:1",
+        order_id="ord:1",
+    )
     good.occurred_at.GetCurrentTime()
     bad = pb.Event(event_id="ev:2", type=pb.EVENT_TYPE_REFUND_OUTCOME, account_id="acct:1")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gate.stub.RecordEvents(pb.RecordEventsRequest(events=[good, bad]))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(field_violations(info.value)) == {
-        "events[1].occurred_at", "events[1].refund_id", "events[1].outcome"}
+        "events[1].occurred_at",
+        "events[1].refund_id",
+        "events[1].outcome",
+    }
     assert rdb.dbsize() == 0
 
 
 async def test_health_is_serving_once_model_and_redis_are_ready(gate: RunningGate) -> None:
     stub = health_pb2_grpc.HealthStub(gate.channel)
-    watch = stub.Watch(health_pb2.HealthCheckRequest(service="refundgate.v1.RefundGate"),
-                       timeout=5)
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="refundgate.v1.RefundGate"), timeout=5)
     seen = []
     async for update in watch:  # NOT_SERVING (maybe) until Redis answered, then SERVING
         seen.append(update.status)
@@ -219,8 +240,7 @@ async def test_health_is_serving_once_model_and_redis_are_ready(gate: RunningGat
 
 
 async def test_health_is_not_serving_without_redis(bundle: Bundle) -> None:
-    settings = Settings.from_env({}, listen="127.0.0.1:0",
-                                 redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    settings = Settings.from_env({}, listen="127.0.0.1:0", redis_url=f"redis://127.0.0.1:{free_port()}/0")
     running = await start_gate(settings, bundle, ready=False)
     try:
         stub = health_pb2_grpc.HealthStub(running.channel)
@@ -232,8 +252,7 @@ async def test_health_is_not_serving_without_redis(bundle: Bundle) -> None:
 
 async def test_reflection_lists_the_services(gate: RunningGate) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(gate.channel)
-    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        list_services="")]))
+    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     async for resp in call:
         names = {s.name for s in resp.list_services_response.service}
         break
@@ -241,8 +260,12 @@ async def test_reflection_lists_the_services(gate: RunningGate) -> None:
 
 
 async def test_redis_down_gives_a_degraded_decision_in_budget(bundle: Bundle) -> None:
-    settings = Settings.from_env({}, listen="127.0.0.1:0", degraded_approve_below_minor=1000,
-                                 redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    settings = Settings.from_env(
+        {},
+        listen="127.0.0.1:0",
+        degraded_approve_below_minor=1000,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
     running = await start_gate(settings, bundle, ready=False)
     try:
         started = time.monotonic()

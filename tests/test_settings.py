@@ -10,10 +10,15 @@ from gate.settings import DEV_ID_KEY, Settings, SettingsError
 
 
 def test_environment_variables_set_fields() -> None:
-    s = Settings.from_env({"GATE_BUDGET_MS": "12.5", "GATE_ALLOW_CLIENT_TIME": "true",
-                           "GATE_WORKERS": "2", "GATE_MODEL_DIR": "/tmp/m"})
-    assert (s.budget_ms, s.allow_client_time, s.workers, s.model_dir) == (
-        12.5, True, 2, Path("/tmp/m"))
+    s = Settings.from_env(
+        {
+            "GATE_BUDGET_MS": "12.5",
+            "GATE_ALLOW_CLIENT_TIME": "true",
+            "GATE_WORKERS": "2",
+            "GATE_MODEL_DIR": "/tmp/m",
+        }
+    )
+    assert (s.budget_ms, s.allow_client_time, s.workers, s.model_dir) == (12.5, True, 2, Path("/tmp/m"))
 
 
 def test_flags_override_environment() -> None:
@@ -33,8 +38,9 @@ def test_invalid_values_are_refused_at_start() -> None:
 
 
 def test_describe_masks_secrets() -> None:
-    s = Settings.from_env({"GATE_REDIS_URL": "redis://:hunter2@db:6379/0",
-                           "GATE_ID_HASH_KEY": "a-very-secret-production-key"})
+    s = Settings.from_env(
+        {"GATE_REDIS_URL": "redis://:hunter2@db:6379/0", "GATE_ID_HASH_KEY": "a-very-secret-production-key"}
+    )
     shown = s.describe()
     assert "hunter2" not in str(shown) and "a-very-secret" not in str(shown)
     assert shown["redis_url"] == "redis://:***@db:6379/0"

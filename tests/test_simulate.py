@@ -80,8 +80,8 @@ def minutes_after_order(c: pb.CheckRequest) -> float:
 
 # --- Determinism, order, size -----------------------------------------------------------------
 
-def test_same_seed_gives_byte_identical_output(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+
+def test_same_seed_gives_byte_identical_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     main(["--events", "12000", "--seed", "5", "--out", str(first)])
     main(["--events", "12000", "--seed", "5", "--out", str(second)])
@@ -124,6 +124,7 @@ def test_resized_scales_counts_and_keeps_rates() -> None:
 
 
 # --- Contract ---------------------------------------------------------------------------------
+
 
 def test_every_message_passes_the_gate_validation(run: Run) -> None:
     for rec in run.records:
@@ -187,8 +188,7 @@ def test_order_placed_events_carry_the_order(run: Run) -> None:
         assert ev.amount_minor > 0 and re.fullmatch(r"[A-Z]{3}", ev.currency)
         assert ev.item_category != pb.ITEM_CATEGORY_UNSPECIFIED
         assert ev.payment_method != pb.PAYMENT_METHOD_UNSPECIFIED
-        assert ev.account_id and ev.merchant_id and ev.ip and re.fullmatch(r"[A-Z]{3}",
-                                                                            ev.geo_city)
+        assert ev.account_id and ev.merchant_id and ev.ip and re.fullmatch(r"[A-Z]{3}", ev.geo_city)
         assert ipaddress.ip_address(ev.ip)
     with_age = sum(ev.HasField("account_created_at") for ev in run.placed.values())
     assert with_age / len(run.placed) > 0.9
@@ -203,10 +203,12 @@ def test_order_placed_precedes_refunds_of_the_order_and_matches_them(run: Run) -
             c = rec.check
             assert c.order_id in placed_before
             ev = run.placed[c.order_id]
-            assert (ev.account_id, ev.merchant_id, ev.currency) == (
-                c.account_id, c.merchant_id, c.currency)
+            assert (ev.account_id, ev.merchant_id, ev.currency) == (c.account_id, c.merchant_id, c.currency)
             assert (ev.amount_minor, ev.item_category, ev.payment_method) == (
-                c.order_amount_minor, c.item_category, c.payment_method)
+                c.order_amount_minor,
+                c.item_category,
+                c.payment_method,
+            )
             assert ev.occurred_at.seconds == c.order_created_at.seconds
             assert ev.account_created_at == c.account_created_at
 
@@ -215,8 +217,12 @@ def test_deliveries_follow_orders_and_match_the_status(run: Run) -> None:
     for order_id, ev in run.delivered.items():
         assert ev.occurred_at.seconds >= run.placed[order_id].occurred_at.seconds
     statuses = Counter(c.delivery_status for _, c in run.checks)
-    assert set(statuses) == {pb.DELIVERY_STATUS_NOT_SHIPPED, pb.DELIVERY_STATUS_IN_TRANSIT,
-                             pb.DELIVERY_STATUS_DELIVERED, pb.DELIVERY_STATUS_UNKNOWN}
+    assert set(statuses) == {
+        pb.DELIVERY_STATUS_NOT_SHIPPED,
+        pb.DELIVERY_STATUS_IN_TRANSIT,
+        pb.DELIVERY_STATUS_DELIVERED,
+        pb.DELIVERY_STATUS_UNKNOWN,
+    }
     for _, c in run.checks:
         delivered = run.delivered.get(c.order_id)
         if c.delivery_status == pb.DELIVERY_STATUS_DELIVERED:
@@ -240,8 +246,7 @@ def test_outcomes_reference_earlier_refunds_and_arrive_late_and_incomplete(run: 
             assert ev.occurred_at.seconds >= check.requested_at.seconds + HOUR
             by_label[label][ev.outcome] += 1
     assert set(by_label[0]) == {pb.REFUND_OUTCOME_PAID, pb.REFUND_OUTCOME_REVIEW_APPROVED}
-    bad = {pb.REFUND_OUTCOME_CONFIRMED_ABUSE, pb.REFUND_OUTCOME_CHARGEBACK,
-           pb.REFUND_OUTCOME_REVIEW_REJECTED}
+    bad = {pb.REFUND_OUTCOME_CONFIRMED_ABUSE, pb.REFUND_OUTCOME_CHARGEBACK, pb.REFUND_OUTCOME_REVIEW_REJECTED}
     assert bad <= set(by_label[1])
     abusive = sum(label for _, label in seen.values())
     assert 0.2 < sum(by_label[1][o] for o in bad) / abusive < 0.6  # late and incomplete
@@ -249,6 +254,7 @@ def test_outcomes_reference_earlier_refunds_and_arrive_late_and_incomplete(run: 
 
 
 # --- Scenarios and labels ---------------------------------------------------------------------
+
 
 def test_every_scenario_is_present_with_its_label(run: Run) -> None:
     labels: dict[str, Counter[int]] = defaultdict(Counter)
@@ -285,8 +291,7 @@ def test_legit_not_received_claims_in_transit_and_lost(run: Run) -> None:
     assert sum(c.order_id in run.delivered for c in tracked) > 0.7 * len(tracked)
     lost = run.of("legit_inr_lost")
     assert {c.reason for c in lost} == {pb.REFUND_REASON_ITEM_NOT_RECEIVED}
-    assert {c.delivery_status for c in lost} == {pb.DELIVERY_STATUS_IN_TRANSIT,
-                                                 pb.DELIVERY_STATUS_UNKNOWN}
+    assert {c.delivery_status for c in lost} == {pb.DELIVERY_STATUS_IN_TRANSIT, pb.DELIVERY_STATUS_UNKNOWN}
     assert not any(c.order_id in run.delivered for c in lost)
 
 
@@ -314,8 +319,7 @@ def test_legit_traveller_changes_ip_and_city(run: Run) -> None:
     hops = 0
     for acts in seen.values():
         acts.sort()
-        hops += sum(b[0] - a[0] < DAY and a[1] != b[1] and a[2] != b[2]
-                    for a, b in itertools.pairwise(acts))
+        hops += sum(b[0] - a[0] < DAY and a[1] != b[1] and a[2] != b[2] for a, b in itertools.pairwise(acts))
     assert hops >= 10  # new IP and city within a day, as a hopping account would look
     home = {acct: c.most_common(1)[0][0] for acct, c in cities.items()}
     away = sum(c.geo_city != home[c.account_id] for c in refunds)
@@ -323,11 +327,15 @@ def test_legit_traveller_changes_ip_and_city(run: Run) -> None:
 
 
 def test_legit_gift_card_buyers_buy_digital_often_and_never_refund(run: Run) -> None:
-    orders = Counter(ev.account_id for oid, ev in run.placed.items()
-                     if run.placed_scenario[oid] == "legit_gift_card_buyer")
+    orders = Counter(
+        ev.account_id for oid, ev in run.placed.items() if run.placed_scenario[oid] == "legit_gift_card_buyer"
+    )
     assert statistics.median(orders.values()) >= 10
-    digital = [run.placed[oid].item_category == pb.ITEM_CATEGORY_DIGITAL_GOODS
-               for oid, s in run.placed_scenario.items() if s == "legit_gift_card_buyer"]
+    digital = [
+        run.placed[oid].item_category == pb.ITEM_CATEGORY_DIGITAL_GOODS
+        for oid, s in run.placed_scenario.items()
+        if s == "legit_gift_card_buyer"
+    ]
     assert sum(digital) > 0.85 * len(digital)
     assert not {c.account_id for _, c in run.checks} & set(orders)
 
@@ -354,22 +362,33 @@ def test_legit_partial_refunds_stay_within_the_order(run: Run) -> None:
 
 def test_legit_normal_refunds_are_mostly_returned_with_some_risky_signals(run: Run) -> None:
     checks = run.of("legit_normal")
-    damaged = [c for c in checks if c.reason in (pb.REFUND_REASON_DAMAGED,
-                                                 pb.REFUND_REASON_NOT_AS_DESCRIBED)]
+    damaged = [c for c in checks if c.reason in (pb.REFUND_REASON_DAMAGED, pb.REFUND_REASON_NOT_AS_DESCRIBED)]
     assert sum(c.item_returned for c in damaged) > 0.5 * len(damaged)
-    assert any(c.item_category == pb.ITEM_CATEGORY_DIGITAL_GOODS and minutes_after_order(c) < 60
-               for c in checks)
+    assert any(
+        c.item_category == pb.ITEM_CATEGORY_DIGITAL_GOODS and minutes_after_order(c) < 60 for c in checks
+    )
     assert any(c.reason == pb.REFUND_REASON_CHANGED_MIND and not c.item_returned for c in checks)
 
 
 def test_abuse_signals_also_appear_in_legit_traffic(run: Run) -> None:
     legit = [c for rec, c in run.checks if rec.label == 0]
-    assert sum(c.reason == pb.REFUND_REASON_ITEM_NOT_RECEIVED
-               and c.delivery_status == pb.DELIVERY_STATUS_DELIVERED for c in legit) > 20
+    assert (
+        sum(
+            c.reason == pb.REFUND_REASON_ITEM_NOT_RECEIVED
+            and c.delivery_status == pb.DELIVERY_STATUS_DELIVERED
+            for c in legit
+        )
+        > 20
+    )
     assert sum(c.payment_method == pb.PAYMENT_METHOD_BNPL for c in legit) > 100
-    assert sum(c.HasField("account_created_at")
-               and c.requested_at.seconds - c.account_created_at.seconds < 14 * DAY
-               for c in legit) > 30
+    assert (
+        sum(
+            c.HasField("account_created_at")
+            and c.requested_at.seconds - c.account_created_at.seconds < 14 * DAY
+            for c in legit
+        )
+        > 30
+    )
     # Abusers place orders they never ask a refund for.
     refunded = {c.order_id for _, c in run.checks}
     for name in ABUSE_SCENARIOS:
@@ -402,8 +421,7 @@ def test_cashout_ring_refunds_digital_goods_within_the_hour(run: Run) -> None:
 
 
 def test_account_farm_accounts_are_young_and_share_a_device_or_ip(run: Run) -> None:
-    farm = {oid: ev for oid, ev in run.placed.items()
-            if run.placed_scenario[oid] == "account_farm"}
+    farm = {oid: ev for oid, ev in run.placed.items() if run.placed_scenario[oid] == "account_farm"}
     accounts_on: dict[str, set[str]] = defaultdict(set)
     for ev in farm.values():
         accounts_on[ev.device_id].add(ev.account_id)
@@ -427,8 +445,11 @@ def test_account_hopping_bursts_refunds_across_ips_and_cities(run: Run) -> None:
         hops = sorted(checks, key=lambda c: c.requested_at.seconds)
         for before, after in itertools.pairwise(hops):
             assert before.ip != after.ip and before.geo_city != after.geo_city
-        assert all(c.account_created_at.seconds < SMALL.start.timestamp() - 30 * DAY
-                   for c in checks if c.HasField("account_created_at"))
+        assert all(
+            c.account_created_at.seconds < SMALL.start.timestamp() - 30 * DAY
+            for c in checks
+            if c.HasField("account_created_at")
+        )
     assert statistics.mean(len(v) for v in bursts.values()) >= 3
 
 
@@ -443,10 +464,10 @@ def test_bnpl_cashout_spikes_the_shops_refund_ratio(run: Run) -> None:
         stop = max(c.requested_at.seconds for c in cashout)
 
         def ratio(lo: float, hi: float, shop: str = shop) -> float:
-            orders = sum(lo <= ev.occurred_at.seconds < hi for ev in run.placed.values()
-                         if ev.merchant_id == shop)
-            refunds = sum(lo <= c.requested_at.seconds < hi for _, c in run.checks
-                          if c.merchant_id == shop)
+            orders = sum(
+                lo <= ev.occurred_at.seconds < hi for ev in run.placed.values() if ev.merchant_id == shop
+            )
+            refunds = sum(lo <= c.requested_at.seconds < hi for _, c in run.checks if c.merchant_id == shop)
             return refunds / orders
 
         assert ratio(turn, stop) > 3 * ratio(0, turn)  # honest customers before the turn

@@ -28,16 +28,21 @@ from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 from tests.conftest import RunningGate, make_request
 from tests.gateproc import start_gate_process
 
-RAW_IDS = ("acct:tel-secret", "ord:tel-secret", "m:tel-secret", "dev:tel-secret", "rf:tel-",
-           "198.51.100.77")
+RAW_IDS = ("acct:tel-secret", "ord:tel-secret", "m:tel-secret", "dev:tel-secret", "rf:tel-", "198.51.100.77")
 RAW_AMOUNT = "987654"  # may appear in the decision log's features, never in telemetry
 
 
 def secret_request(n: int) -> pb.CheckRequest:
-    return make_request(refund_id=f"rf:tel-{n}", account_id="acct:tel-secret",
-                        order_id=f"ord:tel-secret{n}", merchant_id="m:tel-secret",
-                        device_id="dev:tel-secret", ip="198.51.100.77", amount_minor=987654,
-                        order_amount_minor=9876540)
+    return make_request(
+        refund_id=f"rf:tel-{n}",
+        account_id="acct:tel-secret",
+        order_id=f"ord:tel-secret{n}",
+        merchant_id="m:tel-secret",
+        device_id="dev:tel-secret",
+        ip="198.51.100.77",
+        amount_minor=987654,
+        order_amount_minor=9876540,
+    )
 
 
 def scrape(address: str) -> dict[str, float]:
@@ -56,8 +61,9 @@ def total(metrics: dict[str, float], pattern: str) -> float:
     return sum(v for k, v in metrics.items() if re.fullmatch(pattern, k))
 
 
-def test_prometheus_series_move_with_checks(redis_proc: RedisProcess, rdb: redis.Redis,
-                                            bundle_dir: Path) -> None:
+def test_prometheus_series_move_with_checks(
+    redis_proc: RedisProcess, rdb: redis.Redis, bundle_dir: Path
+) -> None:
     admin = f"127.0.0.1:{free_port()}"
     gate = start_gate_process(redis_proc.url, bundle_dir, "--admin-listen", admin)
     try:
@@ -71,20 +77,24 @@ def test_prometheus_series_move_with_checks(redis_proc: RedisProcess, rdb: redis
         after = scrape(admin)  # a refusal's duration is recorded before the refusal is sent
     finally:
         gate.stop()
-    assert total(after, r"refundgate_decisions_total\{.*\}") - total(
-        before, r"refundgate_decisions_total\{.*\}") == 5
+    assert (
+        total(after, r"refundgate_decisions_total\{.*\}") - total(before, r"refundgate_decisions_total\{.*\}")
+        == 5
+    )
     assert total(after, r"refundgate_check_duration_seconds_count\{.*\}") == 6
     assert total(after, r'refundgate_invalid_requests_total\{.*method="Check".*\}') == 1
     for stage in ("velocity", "score", "policy"):
         assert total(after, rf'refundgate_stage_duration_seconds_count\{{.*stage="{stage}".*\}}') == 5
-    buckets = {re.search(r'le="([^"]+)"', k).group(1)  # type: ignore[union-attr]
-               for k in after if k.startswith("refundgate_check_duration_seconds_bucket")}
+    buckets = {
+        re.search(r'le="([^"]+)"', k).group(1)  # type: ignore[union-attr]
+        for k in after
+        if k.startswith("refundgate_check_duration_seconds_bucket")
+    }
     assert {"0.0005", "0.001", "0.002", "0.005", "0.02"} <= buckets  # millisecond buckets
     assert total(after, r"refundgate_breaker_open\{.*\}") == 0
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer,
-               metrics_service_pb2_grpc.MetricsServiceServicer):
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
     """A minimal OTLP/gRPC collector that keeps what it is sent."""
 
     def __init__(self) -> None:
@@ -101,8 +111,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer,
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
     def spans(self) -> list[Span]:
-        return [s for req in self.traces for rs in req.resource_spans for ss in rs.scope_spans
-                for s in ss.spans]
+        return [
+            s for req in self.traces for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans
+        ]
 
 
 @pytest.fixture
@@ -125,9 +136,13 @@ def test_spans_reach_an_otlp_receiver_as_one_tree_without_raw_ids(
     redis_proc: RedisProcess, rdb: redis.Redis, bundle_dir: Path, receiver: tuple[Receiver, int]
 ) -> None:
     sink, port = receiver
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-           "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "OTEL_METRIC_EXPORT_INTERVAL": "200",
+    }
     gate = start_gate_process(redis_proc.url, bundle_dir, env=env)
     with grpc.insecure_channel(gate.target) as channel:
         stub = pb_grpc.RefundGateStub(channel)
@@ -151,8 +166,8 @@ def test_spans_reach_an_otlp_receiver_as_one_tree_without_raw_ids(
         assert attrs["rpc.service"].string_value == "refundgate.v1.RefundGate"
         assert attrs["rpc.method"].string_value == "Check"
     codes = sorted(
-        next(a.value.int_value for a in s.attributes if a.key == "rpc.grpc.status_code")
-        for s in servers)
+        next(a.value.int_value for a in s.attributes if a.key == "rpc.grpc.status_code") for s in servers
+    )
     assert codes == [0, 0, 0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
     decided = [s for s in servers if any(a.key == "refundgate.decision" for a in s.attributes)]
     assert len(decided) == 3
@@ -169,8 +184,7 @@ def test_spans_reach_an_otlp_receiver_as_one_tree_without_raw_ids(
         assert raw.encode() not in exported, raw
 
 
-async def test_decision_log_holds_exactly_the_decisions_made(gate: RunningGate,
-                                                             rdb: redis.Redis) -> None:
+async def test_decision_log_holds_exactly_the_decisions_made(gate: RunningGate, rdb: redis.Redis) -> None:
     made = [await gate.stub.Check(secret_request(i)) for i in range(4)]
     replayed = await gate.stub.Check(secret_request(0))
     with pytest.raises(grpc.aio.AioRpcError):

@@ -40,8 +40,22 @@ def test_thresholds_keep_legitimate_holds_within_their_targets() -> None:
 
 
 def _train(out: Path) -> Path:
-    main(["--events", "60000", "--seed", "5", "--max-trees", "50", "--out", str(out / "bundles"),
-          "--reports", str(out / "reports"), "--no-compile", "--no-current"])
+    main(
+        [
+            "--events",
+            "60000",
+            "--seed",
+            "5",
+            "--max-trees",
+            "50",
+            "--out",
+            str(out / "bundles"),
+            "--reports",
+            str(out / "reports"),
+            "--no-compile",
+            "--no-current",
+        ]
+    )
     (bundle,) = (out / "bundles").iterdir()
     return bundle
 
@@ -57,8 +71,11 @@ def test_same_seed_gives_the_same_bundle(tmp_path: Path) -> None:
     assert report == (tmp_path / "a" / "reports" / first.name / "report.md").resolve()
     assert "## Rules-only baseline at the same false-positive rate" in report.read_text()
     assert {p.name for p in report.parent.glob("*.png")} == {
-        "curves.png", "scores.png", "scenarios.png", "importance.png"}
+        "curves.png",
+        "scores.png",
+        "scenarios.png",
+        "importance.png",
+    }
     card = manifest["model_card"]
     assert card["split"]["test"]["weeks"] == "week 6"
-    assert card["thresholds"]["targets"] == {"legit_held_or_rejected_max": 0.01,
-                                             "legit_rejected_max": 0.001}
+    assert card["thresholds"]["targets"] == {"legit_held_or_rejected_max": 0.01, "legit_rejected_max": 0.001}

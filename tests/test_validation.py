@@ -44,8 +44,7 @@ def test_currency_is_iso_4217_shaped(currency: str) -> None:
 
 
 def test_unspecified_and_unknown_enums_are_refused() -> None:
-    req = make_request(reason=pb.REFUND_REASON_UNSPECIFIED,
-                       item_category=pb.ITEM_CATEGORY_UNSPECIFIED)
+    req = make_request(reason=pb.REFUND_REASON_UNSPECIFIED, item_category=pb.ITEM_CATEGORY_UNSPECIFIED)
     req.payment_method = 99  # an enum number the contract does not know
     assert set(violations(req)) == {"reason", "item_category", "payment_method"}
 
@@ -83,25 +82,30 @@ def test_valid_or_absent_ip(ip: str) -> None:
 
 
 def test_control_characters_and_long_optional_fields() -> None:
-    assert set(violations(make_request(device_id="a\x00b", geo_city="c" * 65))) == {
-        "device_id", "geo_city"}
+    assert set(violations(make_request(device_id="a\x00b", geo_city="c" * 65))) == {"device_id", "geo_city"}
 
 
 def test_every_violation_is_reported_without_values() -> None:
-    req = make_request(refund_id="secret value!", account_id="", amount_minor=-5,
-                       currency="x")
+    req = make_request(refund_id="secret value!", account_id="", amount_minor=-5, currency="x")
     with pytest.raises(ValidationError) as info:
         validate_check(req, now_s=NOW, allow_client_time=False, skew_s=300)
     err = info.value
-    assert {v.field for v in err.violations} == {"refund_id", "account_id", "amount_minor",
-                                                 "currency"}
+    assert {v.field for v in err.violations} == {"refund_id", "account_id", "amount_minor", "currency"}
     assert "secret" not in str(err) and "-5" not in str(err)
 
 
 def _event(**kw: object) -> pb.Event:
-    ev = pb.Event(event_id="ev:1", type=pb.EVENT_TYPE_ORDER_PLACED, account_id="a",
-                  merchant_id="m", order_id="o", amount_minor=100, currency="EUR",
-                  item_category=pb.ITEM_CATEGORY_PHYSICAL, payment_method=pb.PAYMENT_METHOD_CARD)
+    ev = pb.Event(
+        event_id="ev:1",
+        type=pb.EVENT_TYPE_ORDER_PLACED,
+        account_id="a",
+        merchant_id="m",
+        order_id="o",
+        amount_minor=100,
+        currency="EUR",
+        item_category=pb.ITEM_CATEGORY_PHYSICAL,
+        payment_method=pb.PAYMENT_METHOD_CARD,
+    )
     ev.occurred_at.FromSeconds(int(NOW))
     for k, v in kw.items():
         setattr(ev, k, v)
@@ -109,8 +113,9 @@ def _event(**kw: object) -> pb.Event:
 
 
 def test_event_batches_are_checked_per_event() -> None:
-    req = pb.RecordEventsRequest(events=[_event(), _event(type=pb.EVENT_TYPE_UNSPECIFIED),
-                                         _event(amount_minor=0)])
+    req = pb.RecordEventsRequest(
+        events=[_event(), _event(type=pb.EVENT_TYPE_UNSPECIFIED), _event(amount_minor=0)]
+    )
     with pytest.raises(ValidationError) as info:
         validate_events(req, now_s=NOW, allow_client_time=False, skew_s=300, max_events=10)
     err = info.value
@@ -120,5 +125,10 @@ def test_event_batches_are_checked_per_event() -> None:
 def test_empty_and_oversized_event_batches() -> None:
     for events, max_events in (([], 10), ([_event()] * 3, 2)):
         with pytest.raises(ValidationError, match="events"):
-            validate_events(pb.RecordEventsRequest(events=events), now_s=NOW,
-                            allow_client_time=False, skew_s=300, max_events=max_events)
+            validate_events(
+                pb.RecordEventsRequest(events=events),
+                now_s=NOW,
+                allow_client_time=False,
+                skew_s=300,
+                max_events=max_events,
+            )

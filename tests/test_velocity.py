@@ -37,8 +37,9 @@ DAY = 86400.0
 
 @pytest_asyncio.fixture
 async def store(redis_proc: RedisProcess, rdb: redis.Redis) -> AsyncIterator[VelocityStore]:
-    conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS,
-                           connect_timeout_s=5.0)  # a loaded CI box may be slow to connect
+    conn = RedisConnection(
+        RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS, connect_timeout_s=5.0
+    )  # a loaded CI box may be slow to connect
     await conn.connect()
     yield VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20), replay_ttl_s=3600)
     await conn.close()
@@ -54,8 +55,7 @@ async def read(store: VelocityStore, f: RefundFacts) -> dict[str, dict[str, int]
     return {k: v for k, v in result.counters.items() if v is not None}
 
 
-async def test_one_round_trip_per_check(store: VelocityStore, monkeypatch: pytest.MonkeyPatch
-                                        ) -> None:
+async def test_one_round_trip_per_check(store: VelocityStore, monkeypatch: pytest.MonkeyPatch) -> None:
     batches: list[int] = []
     real_call = store.conn.call
 
@@ -74,16 +74,21 @@ async def test_windows_slide_with_request_time(store: VelocityStore) -> None:
     for i, age in enumerate((40 * DAY, 8 * DAY, 2 * DAY, 3 * HOUR, 30 * 60)):
         await read(store, facts(store, at=NOW - age, refund_id=f"rf:{i}", order_id=f"o:{i}"))
     c = await read(store, facts(store, refund_id="rf:now", order_id="o:now"))
-    assert [c["account"][k] for k in ("refunds_1h", "refunds_24h", "refunds_7d", "refunds_30d")
-            ] == [2, 3, 4, 5]
+    assert [c["account"][k] for k in ("refunds_1h", "refunds_24h", "refunds_7d", "refunds_30d")] == [
+        2,
+        3,
+        4,
+        5,
+    ]
     # merchant windows are estimates from hour and day buckets: see the test below
     assert [c["device"][k] for k in ("refunds_1h", "refunds_24h")] == [2, 3]
 
 
 async def test_flags_amounts_pair_and_order(store: VelocityStore) -> None:
     await read(store, facts(store, flags=F_INR, refund_id="rf:1", amount_minor=1000))
-    await read(store, facts(store, flags=F_DIGITAL_QUICK, refund_id="rf:2", amount_minor=700,
-                            merchant_id="m:other"))
+    await read(
+        store, facts(store, flags=F_DIGITAL_QUICK, refund_id="rf:2", amount_minor=700, merchant_id="m:other")
+    )
     c = await read(store, facts(store, flags=F_INR, refund_id="rf:3", amount_minor=300))
     acct = c["account"]
     assert (acct["inr_30d"], acct["digital_quick_7d"], acct["amount_30d"]) == (2, 1, 2000)
@@ -92,15 +97,23 @@ async def test_flags_amounts_pair_and_order(store: VelocityStore) -> None:
 
 
 async def test_distinct_ips_cities_devices_and_accounts(store: VelocityStore) -> None:
-    for i, (ip, city) in enumerate((("198.51.100.1", "BER"), ("198.51.100.2", "PAR"),
-                                    ("198.51.100.1", "BER"))):
-        await read(store, facts(store, refund_id=f"rf:{i}", ip=ip, geo_city=city,
-                                account_id="acct:hop"))
+    for i, (ip, city) in enumerate(
+        (("198.51.100.1", "BER"), ("198.51.100.2", "PAR"), ("198.51.100.1", "BER"))
+    ):
+        await read(store, facts(store, refund_id=f"rf:{i}", ip=ip, geo_city=city, account_id="acct:hop"))
     for i in range(3):
-        await read(store, facts(store, refund_id=f"rf:d{i}", account_id=f"acct:{i}",
-                                device_id="dev:shared"))
-    c = await read(store, facts(store, refund_id="rf:last", account_id="acct:hop",
-                                ip="2001:db8::1", geo_city="ROM", device_id="dev:shared"))
+        await read(store, facts(store, refund_id=f"rf:d{i}", account_id=f"acct:{i}", device_id="dev:shared"))
+    c = await read(
+        store,
+        facts(
+            store,
+            refund_id="rf:last",
+            account_id="acct:hop",
+            ip="2001:db8::1",
+            geo_city="ROM",
+            device_id="dev:shared",
+        ),
+    )
     assert (c["account"]["ips_24h"], c["account"]["cities_24h"]) == (3, 3)
     assert c["account"]["devices_30d"] == 2  # dev:1 and dev:shared
     assert c["device"]["accounts_24h"] == 4  # acct:0..2 and acct:hop
@@ -120,15 +133,14 @@ async def test_racing_duplicates_on_many_connections_count_once(
 ) -> None:
     stores = []
     for _ in range(5):
-        conn = RedisConnection(RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS,
-                           connect_timeout_s=5.0)  # a loaded CI box may be slow to connect
+        conn = RedisConnection(
+            RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS, connect_timeout_s=5.0
+        )  # a loaded CI box may be slow to connect
         await conn.connect()
-        stores.append(VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20),
-                                    replay_ttl_s=3600))
+        stores.append(VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20), replay_ttl_s=3600))
     try:
         f = facts(store)
-        results = await asyncio.gather(*(stores[i % 5].record_and_read(f, 2.0)
-                                         for i in range(50)))
+        results = await asyncio.gather(*(stores[i % 5].record_and_read(f, 2.0) for i in range(50)))
     finally:
         for s in stores:
             await s.conn.close()
@@ -157,15 +169,24 @@ async def test_a_reused_id_names_only_the_entities_it_wrote_to(store: VelocitySt
     assert result.counted == ["device"]
 
 
-async def test_every_key_expires_and_ids_are_hashed(store: VelocityStore, rdb: redis.Redis
-                                                    ) -> None:
-    f = facts(store, account_id="acct:SECRET", device_id="dev:SECRET", merchant_id="m:SECRET",
-              order_id="ord:SECRET")
+async def test_every_key_expires_and_ids_are_hashed(store: VelocityStore, rdb: redis.Redis) -> None:
+    f = facts(
+        store, account_id="acct:SECRET", device_id="dev:SECRET", merchant_id="m:SECRET", order_id="ord:SECRET"
+    )
     await read(store, f)
-    ev = pb.Event(event_id="ev:SECRET", type=pb.EVENT_TYPE_ORDER_PLACED,
-                  account_id="acct:SECRET", merchant_id="m:SECRET", order_id="ord:SECRET",
-                  amount_minor=100, currency="EUR", item_category=pb.ITEM_CATEGORY_PHYSICAL,
-                  payment_method=pb.PAYMENT_METHOD_CARD, device_id="dev:SECRET", ip="192.0.2.9")
+    ev = pb.Event(
+        event_id="ev:SECRET",
+        type=pb.EVENT_TYPE_ORDER_PLACED,
+        account_id="acct:SECRET",
+        merchant_id="m:SECRET",
+        order_id="ord:SECRET",
+        amount_minor=100,
+        currency="EUR",
+        item_category=pb.ITEM_CATEGORY_PHYSICAL,
+        payment_method=pb.PAYMENT_METHOD_CARD,
+        device_id="dev:SECRET",
+        ip="192.0.2.9",
+    )
     await store.record_events([ev], [NOW], 2.0)
     store.store_reply(f, b"payload")
     await store.conn.call([("PING",)], 2.0)
@@ -178,8 +199,7 @@ async def test_every_key_expires_and_ids_are_hashed(store: VelocityStore, rdb: r
     assert rdb.get(store.keys.refund(f.refund)) == f.marker + b"payload"
 
 
-async def test_old_buckets_are_not_read_and_expire(store: VelocityStore, rdb: redis.Redis
-                                                  ) -> None:
+async def test_old_buckets_are_not_read_and_expire(store: VelocityStore, rdb: redis.Redis) -> None:
     old = facts(store, at=NOW - 100 * DAY, refund_id="rf:old", order_id="o:old")
     await read(store, old)
     c = await read(store, facts(store, refund_id="rf:new", order_id="o:2"))
@@ -191,15 +211,17 @@ async def test_old_buckets_are_not_read_and_expire(store: VelocityStore, rdb: re
     assert 0 < rdb.pttl(device_log) <= (ENTITY_BUCKETS + 1) * ENTITY_BUCKET_MS
 
 
-async def test_a_full_log_bucket_keeps_its_newest_half(store: VelocityStore, rdb: redis.Redis
-                                                       ) -> None:
+async def test_a_full_log_bucket_keeps_its_newest_half(store: VelocityStore, rdb: redis.Redis) -> None:
     span = ACCOUNT_BUCKET_MS / 1000
     base = NOW // span * span + DAY  # well inside one bucket
     for i in range(200):
-        await read(store, facts(store, at=base + i, refund_id=f"rf:{i}", order_id=f"o:{i}",
-                                device_id="", ip="", geo_city=""))
-    f = facts(store, at=base + 200, refund_id="rf:last", order_id="o:last", device_id="",
-              ip="", geo_city="")
+        await read(
+            store,
+            facts(
+                store, at=base + i, refund_id=f"rf:{i}", order_id=f"o:{i}", device_id="", ip="", geo_city=""
+            ),
+        )
+    f = facts(store, at=base + 200, refund_id="rf:last", order_id="o:last", device_id="", ip="", geo_city="")
     c = await read(store, f)
     log = rdb.get(store.keys.log("a", f.account, f.at_ms // ACCOUNT_BUCKET_MS))
     assert log is not None and len(log) <= ACCOUNT_CAP
@@ -212,13 +234,24 @@ async def test_a_full_log_bucket_keeps_its_newest_half(store: VelocityStore, rdb
     assert c["account"]["refunds_1h"] >= 45
 
 
-async def test_a_full_bucket_written_by_events_keeps_its_newest_half(store: VelocityStore,
-                                                                      rdb: redis.Redis) -> None:
+async def test_a_full_bucket_written_by_events_keeps_its_newest_half(
+    store: VelocityStore, rdb: redis.Redis
+) -> None:
     span = ENTITY_BUCKET_MS / 1000
     base = NOW // span * span + HOUR  # well inside one bucket
-    events = [pb.Event(event_id=f"e{i}", type=pb.EVENT_TYPE_ORDER_PLACED, account_id=f"acct:{i}",
-                       merchant_id="m:1", order_id=f"o:{i}", amount_minor=100, currency="EUR",
-                       device_id="dev:busy") for i in range(300)]
+    events = [
+        pb.Event(
+            event_id=f"e{i}",
+            type=pb.EVENT_TYPE_ORDER_PLACED,
+            account_id=f"acct:{i}",
+            merchant_id="m:1",
+            order_id=f"o:{i}",
+            amount_minor=100,
+            currency="EUR",
+            device_id="dev:busy",
+        )
+        for i in range(300)
+    ]
     await store.record_events(events, [base + i for i in range(300)], 5.0)
     device = store.hash("d", "dev:busy")
     log = rdb.get(store.keys.log("d", device, int(base * 1000) // ENTITY_BUCKET_MS))
@@ -233,11 +266,11 @@ async def test_merchant_windows_are_sliding_estimates_from_day_buckets(
     store: VelocityStore,
 ) -> None:
     midnight = NOW // DAY * DAY
-    for i, at in enumerate((midnight - DAY + 6 * HOUR, midnight - 2 * HOUR,
-                            midnight + 5 * HOUR + 1, midnight + 5 * HOUR + 2)):
+    for i, at in enumerate(
+        (midnight - DAY + 6 * HOUR, midnight - 2 * HOUR, midnight + 5 * HOUR + 1, midnight + 5 * HOUR + 2)
+    ):
         await read(store, facts(store, at=at, refund_id=f"rf:{i}", order_id=f"o:{i}"))
-    c = await read(store, facts(store, at=midnight + 6 * HOUR, refund_id="rf:now",
-                                order_id="o:now"))
+    c = await read(store, facts(store, at=midnight + 6 * HOUR, refund_id="rf:now", order_id="o:now"))
     m = c["merchant"]
     assert m["refunds_1h"] == 3  # this hour: 1; the last hour (5-6 h): 2, all of it left
     # today 3, yesterday 2 with three quarters of its day still inside the 24 h window
@@ -249,13 +282,25 @@ async def test_events_feed_orders_deliveries_and_outcomes(store: VelocityStore) 
     def ev(**kw: Any) -> pb.Event:
         return pb.Event(account_id="acct:1", merchant_id="m:1", order_id="ord:1", **kw)
 
-    events = [ev(event_id="e1", type=pb.EVENT_TYPE_ORDER_PLACED, amount_minor=5000,
-                 currency="EUR", payment_method=pb.PAYMENT_METHOD_BNPL),
-              ev(event_id="e2", type=pb.EVENT_TYPE_ORDER_DELIVERED),
-              ev(event_id="e3", type=pb.EVENT_TYPE_REFUND_OUTCOME, refund_id="rf:0",
-                 outcome=pb.REFUND_OUTCOME_CONFIRMED_ABUSE),
-              ev(event_id="e4", type=pb.EVENT_TYPE_REFUND_OUTCOME, refund_id="rf:0",
-                 outcome=pb.REFUND_OUTCOME_PAID)]
+    events = [
+        ev(
+            event_id="e1",
+            type=pb.EVENT_TYPE_ORDER_PLACED,
+            amount_minor=5000,
+            currency="EUR",
+            payment_method=pb.PAYMENT_METHOD_BNPL,
+        ),
+        ev(event_id="e2", type=pb.EVENT_TYPE_ORDER_DELIVERED),
+        ev(
+            event_id="e3",
+            type=pb.EVENT_TYPE_REFUND_OUTCOME,
+            refund_id="rf:0",
+            outcome=pb.REFUND_OUTCOME_CONFIRMED_ABUSE,
+        ),
+        ev(
+            event_id="e4", type=pb.EVENT_TYPE_REFUND_OUTCOME, refund_id="rf:0", outcome=pb.REFUND_OUTCOME_PAID
+        ),
+    ]
     assert await store.record_events(events, [NOW - 60] * 4, 2.0) == [Status.COUNTED] * 4
     assert await store.record_events(events, [NOW - 60] * 4, 2.0) == [Status.DUPLICATE] * 4
     c = await read(store, facts(store))
@@ -264,8 +309,7 @@ async def test_events_feed_orders_deliveries_and_outcomes(store: VelocityStore) 
     assert (c["merchant"]["orders_7d"], c["merchant"]["bnpl_orders_7d"]) == (1, 1)
 
 
-async def test_scripts_are_reloaded_after_script_flush(store: VelocityStore,
-                                                       rdb: redis.Redis) -> None:
+async def test_scripts_are_reloaded_after_script_flush(store: VelocityStore, rdb: redis.Redis) -> None:
     rdb.script_flush()
     result = await store.record_and_read(facts(store), 2.0)
     assert result.complete and result.status == Status.COUNTED
