@@ -4,6 +4,13 @@ The model's thresholds come from the bundle's manifest. Guard rules only ever ra
 a refund above the order amount (this request, or all requests against the order together) and a
 blocklisted account, device or IP are rejected whatever the score. When velocity features were
 unavailable the degraded policy applies: approve only small refunds the model is calm about.
+
+Rejecting an honest customer is the costliest error, so the model's REJECT is held back to
+HOLD_FOR_REVIEW (a person decides) in two cases, both on by default (`RejectLimits`):
+- without behavioural evidence: none of the reasons given is backed by the velocity counters
+  of what the account, device, IP or merchant did (`gate.features.BEHAVIOUR_CODES`); the
+  request's context alone (a young account, a large amount, a reason) never rejects;
+- when the item came back to the merchant (``item_returned``), unless a guard rule fires.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gate.features import FEATURES
+from gate.features import BEHAVIOUR_CODES, FEATURES
 
 APPROVE, HOLD, REJECT = "APPROVE", "HOLD_FOR_REVIEW", "REJECT"
 _RANK = {APPROVE: 0, HOLD: 1, REJECT: 2}
@@ -49,6 +56,7 @@ REASON_DETAILS: dict[str, str] = {
     "MANY_ACCOUNTS_ON_IP": "many accounts use this IP address",
     "MERCHANT_REFUND_SPIKE": "the merchant's refunds spike",
     "BNPL_CASHOUT": "buy-now-pay-later orders at this merchant turn into refunds",
+    "THIN_HISTORY": "the account has little order and delivery history",
 }
 REASON_CODES: tuple[str, ...] = tuple(dict.fromkeys(f.reason for f in FEATURES))
 """The codes the model's features can give: the order of an explanation's weights."""
@@ -83,6 +91,15 @@ class DegradedPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RejectLimits:
+    """When the model's REJECT becomes HOLD_FOR_REVIEW (module docstring): settings
+    GATE_REJECT_NEEDS_BEHAVIOUR and GATE_RETURNED_AT_MOST_HOLD."""
+
+    needs_behaviour: bool = True
+    returned_at_most_hold: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """The decision and its reason codes, most important first."""
 
@@ -99,6 +116,7 @@ class Facts:
     order_amount_asked: int | None  # all requests against the order, this one included
     blocked: Sequence[str]  # "account", "device", "ip"
     degraded: bool
+    item_returned: bool = False
 
 
 def model_decision(score: float, t: Thresholds) -> str:
@@ -116,13 +134,14 @@ def decide(
     facts: Facts,
     degraded: DegradedPolicy,
     explain: Callable[[], Sequence[float]] | None = None,
+    limits: RejectLimits = RejectLimits(),
 ) -> Verdict:
     """Combine the model, the guard rules and the degraded policy into one verdict.
 
     ``explain`` returns how much each reason code's features together pushed the score up
     (REASON_CODES order: ``Bundle.explain`` of the leaves just scored, or `code_weights` of a
     per-feature attribution); it is called only for HOLD and REJECT, the only decisions whose
-    reasons anyone reads.
+    reasons anyone reads. ``limits`` says when the model's REJECT is only a HOLD.
     """
     decision = APPROVE if score is None else model_decision(score, t)
     rules: list[str] = []
@@ -130,17 +149,29 @@ def decide(
     if asked > facts.order_amount_minor:
         rules.append("REFUND_EXCEEDS_ORDER")
     rules.extend(f"BLOCKLISTED_{kind.upper()}" for kind in facts.blocked)
-    if rules:
-        decision = REJECT
     if facts.degraded:
         calm = score is not None and score < t.hold
         if not (calm and facts.amount_minor < degraded.approve_below_minor):
             decision = _max(decision, HOLD)
+    if decision == REJECT and not rules:
+        if limits.returned_at_most_hold and facts.item_returned:
+            decision = HOLD
+    if rules:
+        decision = REJECT
+    if facts.degraded:
         rules.append("FEATURES_UNAVAILABLE")
     if decision == APPROVE:
         return Verdict(APPROVE, ("FEATURES_UNAVAILABLE",) if facts.degraded else ())
     weights = explain() if explain is not None else None
-    return Verdict(decision, tuple(rules) + _model_reasons(weights, rules))
+    reasons = _model_reasons(weights, rules)
+    if (
+        decision == REJECT
+        and limits.needs_behaviour
+        and not any(r.startswith(("REFUND_EXCEEDS", "BLOCKLISTED")) for r in rules)
+        and not BEHAVIOUR_CODES.intersection(reasons)
+    ):
+        decision = HOLD
+    return Verdict(decision, tuple(rules) + reasons)
 
 
 def _max(a: str, b: str) -> str:

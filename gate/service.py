@@ -164,6 +164,10 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self.clock = clock
         self.admission = admission or Admission.from_settings(settings)
         self.degraded_policy = policy.DegradedPolicy(settings.degraded_approve_below_minor)
+        self.reject_limits = policy.RejectLimits(
+            needs_behaviour=settings.reject_needs_behaviour,
+            returned_at_most_hold=settings.returned_at_most_hold,
+        )
         self._in_flight: dict[str, _InFlight] = {}
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
@@ -311,6 +315,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             order_amount_asked=int(account["order_amount"]) if account else None,
             blocked=velocity.blocked if velocity is not None else (),
             degraded=degraded,
+            item_returned=request.item_returned,
         )
         with tel.stage("policy", span):
             verdict = policy.decide(
@@ -319,6 +324,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                 facts_for_rules,
                 self.degraded_policy,
                 explain=lambda: bundle.explain(model.last_leaves()).tolist(),
+                limits=self.reject_limits,
             )
         t3 = time.monotonic()
         m.stage_duration.record(t3 - t2, {"stage": "policy"})
@@ -355,8 +361,14 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         shadow_verdict: tuple[str, float, str] | None = None
         if shadow is not None and self._budget_s(started, context) > SHADOW_MIN_S:
             shadow_score = shadow.model.score(row)
+            shadow_model = shadow.model
             would = policy.decide(
-                shadow_score, shadow.thresholds, facts_for_rules, self.degraded_policy
+                shadow_score,
+                shadow.thresholds,
+                facts_for_rules,
+                self.degraded_policy,
+                explain=lambda: shadow.explain(shadow_model.last_leaves()).tolist(),
+                limits=self.reject_limits,
             ).decision
             shadow_verdict = (shadow.version, shadow_score, would)
             m.shadow.add(1, {"shadow_version": shadow.version, "agree": would == verdict.decision})

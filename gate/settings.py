@@ -118,6 +118,20 @@ class Settings:
         default=5000,
         metadata=_meta("Degraded policy: without velocity features, APPROVE only below this refund amount."),
     )
+    reject_needs_behaviour: bool = field(
+        default=True,
+        metadata=_meta(
+            "The model may REJECT only when a reason backed by velocity counters (behaviour) is among"
+            " the reasons given; otherwise it HOLDs. Never rejects on request context alone."
+        ),
+    )
+    returned_at_most_hold: bool = field(
+        default=True,
+        metadata=_meta(
+            "A refund whose item came back (item_returned) is at most HOLD_FOR_REVIEW unless a guard"
+            " rule (refund exceeds order, blocklist) fires."
+        ),
+    )
     max_concurrency: int = field(
         default=64,
         metadata=_meta(

@@ -8,9 +8,12 @@ Layout (every key of one script shares one hash tag, so it works unchanged on Re
                           one string per 8-day bucket n (the pair and the order are filters of it)
     {p}:{a:<h>}:e:<e>     one account event, for deduplication
     {p}:{a:<h>}:x         the account's abuse outcomes (times)
+    {p}:{a:<h>}:t         the account's tenure counters: u32 orders, deliveries, refunds, "not
+                          received" claims and returned items over about 13 months (BITFIELD,
+                          counted by the scripts exactly when they count the refund or event)
     {p}:{d:<h>}:L<n>      device log: refunds asked from it and accounts seen on it, per day n
     {p}:{i:<h>}:L<n>      IP log: the same
-    {p}:{m:<h>}:c         merchant counters: a ring of 9 day slots of u32 (day, refunds, ...,
+    {p}:{m:<h>}:c2        merchant counters: a ring of 9 day slots of u32 (day, refunds, ...,
                           refunds per hour), one BITFIELD to count, one GET to read
     {p}:{m:<h>}:q:<r>     one refund (or :e:<e> one order event) of the merchant, for dedup
     {p}:{X:<h>}:bl        blocklist entry of an account (a), device (d) or IP (i)
@@ -45,7 +48,15 @@ from typing import Any
 import hiredis
 
 from gate.breaker import CircuitBreaker
-from gate.features import F_BNPL, F_CM_UNRETURNED, F_DIGITAL_QUICK, F_INR, F_INR_DELIVERED, Source
+from gate.features import (
+    F_BNPL,
+    F_CM_UNRETURNED,
+    F_DIGITAL_QUICK,
+    F_INR,
+    F_INR_DELIVERED,
+    F_RETURNED,
+    Source,
+)
 from gate.redisclient import Command, RedisConnection, RedisError, RedisReplyError, RedisUnavailable
 from refundgate.v1 import refund_gate_pb2 as pb
 
@@ -69,6 +80,15 @@ ACCOUNT_FIELDS = (
     "order_refunds",
     "order_amount",
     "order_delivered",
+    "returned_30d",
+    "unreturned_30d",
+    "pair_unreturned_30d",
+    "delivered_30d",
+    "orders_total",
+    "delivered_total",
+    "prior_refunds",
+    "prior_returned",
+    "prior_inr",
 )
 ENTITY_FIELDS = ("accounts_24h", "accounts_7d", "refunds_1h", "refunds_24h")
 MERCHANT_FIELDS = (
@@ -79,6 +99,7 @@ MERCHANT_FIELDS = (
     "bnpl_refunds_7d",
     "orders_7d",
     "bnpl_orders_7d",
+    "returned_7d",
 )
 BAD_OUTCOMES = frozenset(
     {pb.REFUND_OUTCOME_CONFIRMED_ABUSE, pb.REFUND_OUTCOME_CHARGEBACK, pb.REFUND_OUTCOME_REVIEW_REJECTED}
@@ -101,6 +122,12 @@ ACCOUNT_CAP = 2 * ACCOUNT_RECORD.size * 88  # 176 records per 16 days, then the 
 ABUSE_RECORD = struct.Struct("<q")
 ABUSE_CAP = 2 * ABUSE_RECORD.size * 32
 ABUSE_TTL_MS = 91 * DAY_MS
+# Account tenure counters: u32 each (BITFIELD integers are big-endian), kept 400 days from the
+# last write. Read before this Check's script runs: counts before this refund.
+T_ORDERS, T_DELIVERED, T_REFUNDS, T_INR, T_RETURNED = range(5)
+TENURE = struct.Struct(">5I")
+TENURE_TTL_MS = 400 * DAY_MS
+_T_ZERO = (0,) * 5
 # Device and IP log: one string per 4-day bucket; a Check reads the current one and two before
 # it, so the 7-day windows are complete.
 # Record: kind, refund id, content tag, time (ms), account.
@@ -110,8 +137,8 @@ ENTITY_BUCKETS = 3
 ENTITY_CAP = 2 * ENTITY_RECORD.size * 96  # 192 records per 4 days, then the newest half
 # Merchant counters: one ring string of 9 day slots; a slot is u32 (BITFIELD integers are
 # big-endian): its day number, refunds, quick digital refunds, BNPL refunds, orders, BNPL orders,
-# then refunds in each hour. A Check reads today and the seven days before.
-M_DAY, M_REFUNDS, M_QUICK, M_BNPL_REFUNDS, M_ORDERS, M_BNPL_ORDERS, M_HOURS = range(7)
+# refunds whose item came back, then refunds in each hour. A Check reads today and the seven days before.
+M_DAY, M_REFUNDS, M_QUICK, M_BNPL_REFUNDS, M_ORDERS, M_BNPL_ORDERS, M_RETURNED, M_HOURS = range(8)
 M_SLOT = M_HOURS + 24  # u32 per slot
 MERCHANT_SLOTS = 9
 MERCHANT_RING = struct.Struct(f">{M_SLOT * MERCHANT_SLOTS}I")
@@ -201,6 +228,10 @@ class Keys:
         """An account's abuse outcomes."""
         return f"{self._of('a', h)}:x"
 
+    def tenure(self, h: str) -> str:
+        """An account's tenure counters."""
+        return f"{self._of('a', h)}:t"
+
     def event(self, kind: str, h: str, event: str) -> str:
         """One event id of an account or merchant, for deduplication."""
         return f"{self._of(kind, h)}:e:{event}"
@@ -211,7 +242,7 @@ class Keys:
 
     def ring(self, h: str) -> str:
         """A merchant's ring of day counters."""
-        return f"{self._of('m', h)}:c"
+        return f"{self._of('m', h)}:c2"
 
     def blocklist(self, kind: str, h: str) -> str:
         """The blocklist entry of an account (a), device (d) or IP (i)."""
@@ -322,15 +353,35 @@ def _records(rec: struct.Struct, logs: Sequence[bytes | None]) -> list[tuple[Any
     return out
 
 
-def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes | None) -> dict[str, float]:
+def tenure_counts(f: RefundFacts) -> list[int]:
+    """The tenure counters a refund adds to (T_* offsets)."""
+    out = [T_REFUNDS]
+    if f.flags & F_INR:
+        out.append(T_INR)
+    if f.flags & F_RETURNED:
+        out.append(T_RETURNED)
+    return out
+
+
+def account_windows(
+    f: RefundFacts,
+    logs: Sequence[bytes | None],
+    abuse: bytes | None,
+    tenure: bytes | None = None,
+    *,
+    seen_before: bool = False,
+) -> dict[str, float]:
     """The account's windows at f.at_ms from its log buckets, this refund included (each refund
-    id counts once; a tombstone takes one back)."""
+    id counts once; a tombstone takes one back), and its tenure counters before this refund
+    (``seen_before``: the refund was counted by an earlier call, a retry, so its own counts
+    come off the tenure read)."""
     now = f.at_ms
     mine = ACCOUNT_RECORD.unpack(f.account_record)
     _, rid, _, _, _, _, merchant, order, _, _, _ = mine
     refunds: dict[int, tuple[Any, ...]] = {}
     orders: dict[int, tuple[Any, ...]] = {}
     delivered = 0
+    delivered_30d: set[int] = set()
     records = _records(ACCOUNT_RECORD, logs)
     dead = {(r[1], r[2]) for r in records if r[0] == TOMBSTONE} if records else ()
     for r in records:
@@ -341,10 +392,14 @@ def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes |
         elif kind == ORDER:
             if r[1] not in orders:
                 orders[r[1]] = r
-        elif kind == DELIVERED and r[7] == order:
-            delivered = 1
+        elif kind == DELIVERED:
+            if r[7] == order:
+                delivered = 1
+            if now - r[3] < MONTH_MS:
+                delivered_30d.add(r[7])
     refunds.setdefault(rid, mine)
     r1h = r24h = r7d = r30d = amt30 = inr = inrd = dq7 = cm = pair_r = ord_n = ord_amt = 0
+    ret30 = pair_unret = 0
     ips: set[int] = set()
     cities: set[int] = set()
     devices: set[int] = set()
@@ -357,8 +412,13 @@ def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes |
             continue
         r30d += 1
         amt30 += amount
+        returned = flags & F_RETURNED
+        if returned:
+            ret30 += 1
         if r[6] == merchant:
             pair_r += 1
+            if not returned:
+                pair_unret += 1
         if flags:
             inr += flags & F_INR and 1
             inrd += flags & F_INR_DELIVERED and 1
@@ -388,6 +448,10 @@ def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes |
     abuse_90d = 0
     if abuse:
         abuse_90d = sum(1 for (t,) in ABUSE_RECORD.iter_unpack(abuse) if now - t < 90 * DAY_MS)
+    t = list(TENURE.unpack(tenure[: TENURE.size].ljust(TENURE.size, b"\0")) if tenure else _T_ZERO)
+    if seen_before:
+        for i in tenure_counts(f):
+            t[i] = max(0, t[i] - 1)
     values = (
         r1h,
         r24h,
@@ -408,6 +472,15 @@ def account_windows(f: RefundFacts, logs: Sequence[bytes | None], abuse: bytes |
         ord_n,
         ord_amt,
         delivered,
+        ret30,
+        r30d - ret30,
+        pair_unret,
+        len(delivered_30d),
+        t[T_ORDERS],
+        t[T_DELIVERED],
+        t[T_REFUNDS],
+        t[T_RETURNED],
+        t[T_INR],
     )
     return dict(zip(ACCOUNT_FIELDS, values, strict=True))
 
@@ -480,6 +553,7 @@ def merchant_windows(at_ms: int, ring: bytes | None) -> dict[str, float]:
                 week(M_BNPL_REFUNDS),
                 week(M_ORDERS),
                 week(M_BNPL_ORDERS),
+                week(M_RETURNED),
             ),
             strict=True,
         )
@@ -538,27 +612,45 @@ class VelocityStore:
         buckets: int,
         cap: int,
         at_ms: int,
+        tenure: tuple[str, Sequence[int]] | None = None,
     ) -> tuple[Command, Command]:
         """Read an entity's ``head`` keys and log buckets (current first), then append
-        ``record`` to the current bucket unless its refund is already there."""
+        ``record`` to the current bucket unless its refund is already there (and then count it
+        in the ``tenure`` key's counters at the given offsets)."""
         bucket = at_ms // span_ms
         logs = [self.keys.log(kind, h, b) for b in range(bucket, bucket - buckets, -1)]
-        return (
-            ("MGET", *head, *logs),
-            ("EVALSHA", LOG_SCRIPT.sha, 1, logs[0], "r", record, _bucket_ttl(at_ms, span_ms, buckets), cap),
-        )
+        ttl = _bucket_ttl(at_ms, span_ms, buckets)
+        script: Command = ("EVALSHA", LOG_SCRIPT.sha, 1, logs[0], "r", record, ttl, cap)
+        if tenure is not None:
+            key, offsets = tenure
+            script = (
+                "EVALSHA",
+                LOG_SCRIPT.sha,
+                2,
+                logs[0],
+                key,
+                "r",
+                record,
+                ttl,
+                cap,
+                TENURE_TTL_MS,
+                *(f"#{i}" for i in offsets),
+            )
+        return (("MGET", *head, *logs), script)
 
     def _account_commands(self, f: RefundFacts) -> tuple[Command, Command]:
         k = self.keys
+        tenure = k.tenure(f.account)
         return self._log_commands(
             "a",
             f.account,
-            (k.blocklist("a", f.account), k.abuse(f.account)),
+            (k.blocklist("a", f.account), k.abuse(f.account), tenure),
             f.account_record,
             ACCOUNT_BUCKET_MS,
             ACCOUNT_BUCKETS,
             ACCOUNT_CAP,
             f.at_ms,
+            (tenure, tenure_counts(f)),
         )
 
     def _entity_commands(self, kind: str, h: str, f: RefundFacts) -> tuple[Command, Command]:
@@ -614,6 +706,8 @@ class VelocityStore:
             count.append(M_QUICK)
         if f.flags & F_BNPL:
             count.append(M_BNPL_REFUNDS)
+        if f.flags & F_RETURNED:
+            count.append(M_RETURNED)
         return self._merchant_command(
             op, f.merchant, self.keys.merchant_refund(f.merchant, f.refund), f.at_ms, count
         )
@@ -658,7 +752,9 @@ class VelocityStore:
             else:  # the keys read before the script ran, then whether it appended
                 wrote = second == 1
                 counters = (
-                    account_windows(f, first[2:], first[1])
+                    account_windows(
+                        f, first[3:], first[1], first[2], seen_before=result.status == Status.DUPLICATE
+                    )
                     if source == "account"
                     else entity_windows(f, first[1:])
                 )
@@ -680,6 +776,10 @@ class VelocityStore:
         if "account" in sources:
             tomb = ACCOUNT_RECORD.pack(TOMBSTONE, rid, f.tag, f.at_ms, 0, 0, 0, 0, 0, 0, 0)
             commands.append(self._append_command("a", f.account, tomb, f.at_ms))
+            take_back: list[Any] = []
+            for i in tenure_counts(f):
+                take_back += ["OVERFLOW", "SAT", "INCRBY", "u32", f"#{i}", -1]
+            commands.append(("BITFIELD", self.keys.tenure(f.account), *take_back))
         tomb = ENTITY_RECORD.pack(TOMBSTONE, rid, f.tag, f.at_ms, 0)
         commands += [
             self._append_command(kind, h, tomb, f.at_ms)
@@ -762,21 +862,32 @@ class VelocityStore:
             record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), k.abuse(account), ABUSE_TTL_MS, ABUSE_CAP)
         else:
             record = b""  # other outcomes only take their event id
-        return [
-            (
+        script: Command = (
+            "EVALSHA",
+            LOG_SCRIPT.sha,
+            2,
+            k.event("a", account, eid),
+            log,
+            "e",
+            self.replay_ttl_ms,
+            record,
+            log_ttl,
+            cap,
+        )
+        counter = {pb.EVENT_TYPE_ORDER_PLACED: T_ORDERS, pb.EVENT_TYPE_ORDER_DELIVERED: T_DELIVERED}.get(ev.type)
+        if counter is not None:  # counted in the tenure key, once per event id, by the script
+            script = (
                 "EVALSHA",
                 LOG_SCRIPT.sha,
-                2,
+                3,
                 k.event("a", account, eid),
                 log,
-                "e",
-                self.replay_ttl_ms,
-                record,
-                log_ttl,
-                cap,
-            ),
-            *others,
-        ]
+                k.tenure(account),
+                *script[5:],
+                TENURE_TTL_MS,
+                f"#{counter}",
+            )
+        return [script, *others]
 
     async def _guarded(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
         """Call through the circuit breaker: refused at once while it is open."""

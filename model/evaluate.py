@@ -27,13 +27,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gate import policy
-from gate.features import FEATURE_NAMES, FEATURES
+from gate.features import FEATURE_INDEX, FEATURE_NAMES, FEATURES
 from gate.scoring import Model
 from model.baseline import RULES, rule_hits
 from model.dataset import Dataset
 from model.simulate import ABUSE_SCENARIOS, LEGIT_SCENARIOS
 
 VELOCITY_COLUMNS = np.array([f.source != "request" for f in FEATURES])
+_RETURNED = FEATURE_INDEX["item_returned"]
 # Reason codes that name each abuse scenario's own signal (model/README.md, Scenarios). For BNPL
 # cashout the pair counts too: the shop's honest buyers share its merchant counters, and what
 # singles out a cashout refund is the same mule accounts ordering and refunding there again.
@@ -138,6 +139,7 @@ def decide_rows(
             order_amount_asked=int(data.order_asked[i]) if velocity else None,
             blocked=(),
             degraded=not velocity and degraded_policy is not None,
+            item_returned=bool(row[_RETURNED] == 1.0),
         )
         verdict = policy.decide(
             score,

@@ -35,7 +35,9 @@ def attribution(**by_feature: float) -> list[float]:
     [(0.1, policy.APPROVE), (0.5, policy.HOLD), (0.89, policy.HOLD), (0.9, policy.REJECT)],
 )
 def test_score_thresholds(score: float, decision: str) -> None:
-    assert policy.decide(score, T, facts(), CALM).decision == decision
+    behaviour = attribution(acct_inr_delivered_30d=1.0)
+    verdict = policy.decide(score, T, facts(), CALM, lambda: policy.code_weights(behaviour))
+    assert verdict.decision == decision
 
 
 def test_approve_has_no_reasons_and_never_asks_for_attribution() -> None:
@@ -72,9 +74,9 @@ def test_model_reasons_come_from_the_features_that_pushed_the_score_up() -> None
     )
     verdict = policy.decide(0.6, T, facts(), CALM, lambda: policy.code_weights(explain))
     assert verdict.reasons == (
+        "SERIAL_NOT_RECEIVED",
         "NOT_RECEIVED_BUT_DELIVERED",
         "MANY_ACCOUNTS_ON_DEVICE",
-        "MERCHANT_REFUND_SPIKE",
     )
 
 
@@ -88,7 +90,51 @@ def test_degraded_approves_only_small_calm_refunds() -> None:
 
 
 def test_degraded_never_lowers_a_reject() -> None:
-    assert policy.decide(0.95, T, facts(degraded=True), CALM).decision == policy.REJECT
+    behaviour = attribution(dev_accounts_7d=1.0)
+    verdict = policy.decide(0.95, T, facts(degraded=True), CALM, lambda: policy.code_weights(behaviour))
+    assert verdict.decision == policy.REJECT
+
+
+def test_model_never_rejects_on_request_context_alone() -> None:
+    context = attribution(account_age_days=0.8, log10_amount=0.5, not_received_but_delivered=0.4)
+    verdict = policy.decide(0.95, T, facts(), CALM, lambda: policy.code_weights(context))
+    assert verdict.decision == policy.HOLD
+    assert "NEW_ACCOUNT" in verdict.reasons
+
+
+def test_model_rejects_with_behavioural_evidence_among_its_reasons() -> None:
+    evidence = attribution(account_age_days=0.8, dev_accounts_24h=0.3)
+    verdict = policy.decide(0.95, T, facts(), CALM, lambda: policy.code_weights(evidence))
+    assert verdict.decision == policy.REJECT
+    assert verdict.reasons == ("NEW_ACCOUNT", "MANY_ACCOUNTS_ON_DEVICE")
+
+
+def test_reject_without_behaviour_is_allowed_when_the_limit_is_off() -> None:
+    context = attribution(account_age_days=0.8)
+    limits = policy.RejectLimits(needs_behaviour=False)
+    verdict = policy.decide(0.95, T, facts(), CALM, lambda: policy.code_weights(context), limits)
+    assert verdict.decision == policy.REJECT
+
+
+def test_a_returned_item_is_at_most_held() -> None:
+    evidence = attribution(acct_refunds_24h=1.0)
+    verdict = policy.decide(0.99, T, facts(item_returned=True), CALM, lambda: policy.code_weights(evidence))
+    assert verdict.decision == policy.HOLD
+
+
+def test_a_returned_item_is_rejected_when_a_guard_rule_fires() -> None:
+    verdict = policy.decide(0.99, T, facts(item_returned=True, amount_minor=1500), CALM)
+    assert verdict.decision == policy.REJECT
+    assert verdict.reasons[0] == "REFUND_EXCEEDS_ORDER"
+
+
+def test_a_returned_item_may_be_rejected_when_the_limit_is_off() -> None:
+    evidence = attribution(acct_refunds_24h=1.0)
+    limits = policy.RejectLimits(returned_at_most_hold=False)
+    verdict = policy.decide(
+        0.99, T, facts(item_returned=True), CALM, lambda: policy.code_weights(evidence), limits
+    )
+    assert verdict.decision == policy.REJECT
 
 
 def test_thresholds_must_be_ordered() -> None:

@@ -5,17 +5,20 @@
 -- argument and reply value that crosses into Lua, and every redis.call (docs/BENCHMARKS.md §6).
 --
 -- op 'r' (a refund request):
---   KEYS  1 the current bucket
+--   KEYS  1 the current bucket  [2 the account's tenure counters]
 --   ARGV  1 'r'  2 record (kind and refund id first)  3 bucket TTL (ms)  4 cap (bytes)
+--         [5 tenure TTL (ms)  6.. tenure counters (BITFIELD u32 offsets '#i') to add 1 to]
 --   -> 1 appended | 0 the bucket already holds this refund (a retry, or the same id with other
 --   content), so a storm of retries cannot push real history out of a capped bucket; the gate
---   counts each refund id once when it reads, whatever the buckets hold.
+--   counts each refund id once when it reads, whatever the buckets hold. The tenure counters
+--   count exactly what was appended.
 -- op 'a' (append a record: an account seen by an order event, a tombstone that takes back a
 --   refund whose id turned out to be reused):
 --   KEYS  1 bucket  ARGV  1 'a'  2 record  3 bucket TTL (ms)  4 cap (bytes)  -> 1
 -- op 'e' (an event, counted once per event id):
---   KEYS  1 the event's dedup key  2 log to append to
+--   KEYS  1 the event's dedup key  2 log to append to  [3 the account's tenure counters]
 --   ARGV  1 'e'  2 dedup TTL (ms)  3 record ('' = none)  4 log TTL (ms)  5 cap (bytes)
+--         [6 tenure TTL (ms)  7.. tenure counters to add 1 to]
 --   -> 0 counted now | 1 already counted
 --
 -- A bucket at its cap keeps its newest half plus the new record (records are fixed width and
@@ -46,10 +49,24 @@ local function push(key, record, ttl, cap)
   return false
 end
 
+-- Add 1 to the u32 counters named by ARGV[first..] of a tenure key, and keep it ttl longer.
+local function tally(key, ttl, first)
+  local args = {'BITFIELD', key, 'OVERFLOW', 'SAT'}
+  for i = first, #ARGV do
+    args[#args + 1] = 'INCRBY'
+    args[#args + 1] = 'u32'
+    args[#args + 1] = ARGV[i]
+    args[#args + 1] = 1
+  end
+  redis.call(unpack(args))
+  redis.call('PEXPIRE', key, ttl)
+end
+
 if op == 'r' then
   local cur = redis.call('GET', KEYS[1])
   if cur and string.find(cur, string.sub(ARGV[2], 1, 5), 1, true) then return 0 end
   append(KEYS[1], cur, ARGV[2], ARGV[3], tonumber(ARGV[4]))
+  if KEYS[2] then tally(KEYS[2], ARGV[5], 6) end
   return 1
 elseif op == 'a' then
   push(KEYS[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))
@@ -61,6 +78,7 @@ elseif op == 'e' then
       redis.call('PEXPIRE', KEYS[2], ARGV[4], 'GT')
     end
   end
+  if KEYS[3] then tally(KEYS[3], ARGV[6], 7) end
   return 0
 end
 return redis.error_reply('unknown op')
