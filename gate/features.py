@@ -207,14 +207,14 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "acct_digital_quick_7d",
         "account",
-        "DIGITAL_GOODS_QUICK_REFUND",
+        "SERIAL_QUICK_DIGITAL_REFUNDS",
         "Digital goods refunds within an hour of the order, 7 d.",
         field="digital_quick_7d",
     ),
     _f(
         "acct_changed_mind_unreturned_30d",
         "account",
-        "ITEM_NOT_RETURNED",
+        "REPEATED_UNRETURNED",
         "'Changed my mind' refunds without return, 30 d.",
         field="cm_unreturned_30d",
     ),
@@ -239,7 +239,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "acct_unreturned_30d",
         "account",
-        "ITEM_NOT_RETURNED",
+        "REPEATED_UNRETURNED",
         "Refunds of the account, 30 d, whose item did not come back.",
         monotone=1,
         why=_UP_ABUSE,
@@ -269,9 +269,7 @@ FEATURES: tuple[Feature, ...] = (
         kind="context",
         field="delivered_30d",
     ),
-    _f(
-        "acct_ips_24h", "account", "IP_CITY_HOPPING", "Distinct IPs of the account, 24 h.", field="ips_24h"
-    ),
+    _f("acct_ips_24h", "account", "IP_CITY_HOPPING", "Distinct IPs of the account, 24 h.", field="ips_24h"),
     _f(
         "acct_cities_24h",
         "account",
@@ -328,7 +326,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "acct_prior_unreturned",
         "account",
-        "ITEM_NOT_RETURNED",
+        "REPEATED_UNRETURNED",
         "Refunds over the tenure, before this one, whose item did not come back.",
         monotone=1,
         why=_UP_ABUSE,
@@ -385,7 +383,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "order_refunded_ratio",
         "account",
-        "REFUND_SHARE_OF_ORDER",
+        "SPLIT_REFUNDS",
         "Amount asked against this order so far, this request included / order amount.",
         monotone=1,
         why="asking back more of the same order is never less suspicious",
@@ -425,7 +423,9 @@ FEATURES: tuple[Feature, ...] = (
         field="accounts_24h",
     ),
     _f("ip_accounts_7d", "ip", "MANY_ACCOUNTS_ON_IP", "... 7 d.", field="accounts_7d"),
-    _f("ip_refunds_1h", "ip", "HIGH_REFUND_VELOCITY", "Refund requests from the IP, 1 h.", field="refunds_1h"),
+    _f(
+        "ip_refunds_1h", "ip", "HIGH_REFUND_VELOCITY", "Refund requests from the IP, 1 h.", field="refunds_1h"
+    ),
     _f("ip_refunds_24h", "ip", "HIGH_REFUND_VELOCITY", "... 24 h.", field="refunds_24h"),
     # Merchant (sliding-window estimates from hour and day counters).
     _f(
@@ -470,7 +470,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "m_digital_quick_24h",
         "merchant",
-        "DIGITAL_GOODS_QUICK_REFUND",
+        "MERCHANT_QUICK_DIGITAL_REFUNDS",
         "Digital goods quick refunds at the merchant, 24 h.",
         field="digital_quick_24h",
     ),
@@ -492,6 +492,9 @@ MONOTONE: dict[str, int] = {f.name: f.monotone for f in FEATURES if f.monotone}
 CONTEXT_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "context")
 BEHAVIOUR_CODES: frozenset[str] = frozenset(
     f.reason for f in FEATURES if f.source != "request" and f.kind == "behaviour"
+)
+assert not BEHAVIOUR_CODES & {f.reason for f in FEATURES if f.source == "request"}, (
+    "a behaviour code must not also be given for the request alone"
 )
 """Reason codes backed by velocity counters of behaviour: the evidence a model REJECT needs."""
 _BY_SOURCE: dict[str, tuple[tuple[int, Feature], ...]] = {
@@ -539,9 +542,7 @@ def from_request(req: pb.CheckRequest, requested_at_s: float) -> RequestFeatures
     return RequestFeatures(tuple(named[n] for n in REQUEST_FEATURES), flags, req.order_amount_minor)
 
 
-def velocity_values(
-    source: Source, raw: Mapping[str, float], request: RequestFeatures
-) -> dict[str, float]:
+def velocity_values(source: Source, raw: Mapping[str, float], request: RequestFeatures) -> dict[str, float]:
     """One velocity source's counters (named as in gate/velocity.py) as its features, by name."""
     return {
         f.name: float(raw[f.field]) if f.field is not None else float(f.derive(raw, request))  # type: ignore[misc]

@@ -57,6 +57,9 @@ REASON_DETAILS: dict[str, str] = {
     "MERCHANT_REFUND_SPIKE": "the merchant's refunds spike",
     "BNPL_CASHOUT": "buy-now-pay-later orders at this merchant turn into refunds",
     "THIN_HISTORY": "the account has little order and delivery history",
+    "REPEATED_UNRETURNED": "the account has had several refunds without sending the item back",
+    "SERIAL_QUICK_DIGITAL_REFUNDS": "the account repeatedly refunds digital goods within an hour",
+    "MERCHANT_QUICK_DIGITAL_REFUNDS": "many digital goods refunds within an hour at this merchant",
 }
 REASON_CODES: tuple[str, ...] = tuple(dict.fromkeys(f.reason for f in FEATURES))
 """The codes the model's features can give: the order of an explanation's weights."""
@@ -153,9 +156,8 @@ def decide(
         calm = score is not None and score < t.hold
         if not (calm and facts.amount_minor < degraded.approve_below_minor):
             decision = _max(decision, HOLD)
-    if decision == REJECT and not rules:
-        if limits.returned_at_most_hold and facts.item_returned:
-            decision = HOLD
+    if decision == REJECT and not rules and limits.returned_at_most_hold and facts.item_returned:
+        decision = HOLD
     if rules:
         decision = REJECT
     if facts.degraded:

@@ -874,7 +874,9 @@ class VelocityStore:
             log_ttl,
             cap,
         )
-        counter = {pb.EVENT_TYPE_ORDER_PLACED: T_ORDERS, pb.EVENT_TYPE_ORDER_DELIVERED: T_DELIVERED}.get(ev.type)
+        counter = {pb.EVENT_TYPE_ORDER_PLACED: T_ORDERS, pb.EVENT_TYPE_ORDER_DELIVERED: T_DELIVERED}.get(
+            ev.type
+        )
         if counter is not None:  # counted in the tenure key, once per event id, by the script
             script = (
                 "EVALSHA",

@@ -58,6 +58,12 @@ LEGIT_SCENARIOS: tuple[str, ...] = (
     "legit_household_device",  # several accounts of one household on one device and IP
     "legit_traveller",  # an account changing IP and city while travelling
     "legit_gift_card_buyer",  # many digital orders, never a refund (events only)
+    "legit_bracketing",  # several sizes of one item from one shop, all but one sent back
+    "legit_porch_theft",  # a long-standing clean account's first "not received" on a delivered parcel
+    "legit_defective_batch",  # a shop's faulty batch: its buyers refund at once, mostly returned
+    "legit_campus_ip",  # a campus or office NAT: many accounts, many of them new, on one IP
+    "legit_digital_mistake",  # an established buyer's quick refund of a wrong gift card or top-up
+    "legit_bnpl_returner",  # pay-later "try before you buy": orders and returns a lot
 )
 ABUSE_SCENARIOS: tuple[str, ...] = (
     "serial_inr_delivered",
@@ -91,6 +97,12 @@ class SimConfig:
     # Simulated window: orders are placed in [start, start + weeks); nothing is emitted after it.
     weeks: int = 6
     start: datetime = _DEFAULT_START
+    # Weeks of ordinary history before the window (orders, deliveries, refunds of the honest
+    # population, no abuse): the counters a deployed gate holds; no row of training or
+    # evaluation comes from them.
+    warmup_weeks: int = 3
+    # Scenarios left out of this world entirely (leave-behaviour-out evaluation, model/train.py).
+    exclude: tuple[str, ...] = ()
 
     # --- Population ---
     # Ordinary shoppers (legit_normal and its refund situations).
@@ -145,6 +157,37 @@ class SimConfig:
     n_gift_card_buyers: int = _count(150)
     gift_card_orders_per_week: float = 4.0
 
+    # Bracketing (model/README.md, Honest behaviour): accounts that order 2-4 sizes or colours of
+    # one item at one shop (separate orders, or one order refunded item by item) and send back
+    # all but one; sessions per week; share of returns the shop has scanned by the request.
+    n_bracketers: int = _count(400)
+    bracket_sizes: tuple[int, int] = (2, 4)
+    bracket_sessions_per_week: float = 0.5
+    bracket_returned_rate: float = 0.9
+    bracket_single_order_share: float = 0.5
+    # Porch theft on long-standing clean accounts: accounts that shop for years without a claim,
+    # then one delivered parcel is stolen in the window and they claim "not received" once.
+    n_porch_theft_accounts: int = _count(400)
+    # Defective batches: shops whose batch goes bad for some days; share of its orders in those
+    # days that come back as damaged / not as described, and share of those returned.
+    defective_batches: int = _count(4)
+    defective_days: tuple[float, float] = (3.0, 8.0)
+    defective_refund_share: float = 0.45
+    defective_returned_rate: float = 0.75
+    # Campus or office NAT: sites with one or a few public IPs shared by many accounts, a share
+    # of them signing up in the window (a new term, new hires); they shop and refund as usual.
+    n_campuses: int = _count(8)
+    campus_size: tuple[int, int] = (40, 120)
+    campus_new_share: float = 0.4
+    # Digital mistakes: established accounts that buy a gift card or top-up and ask for a quick
+    # refund once (wrong value, charged twice, bought by a child).
+    n_digital_mistakes: int = _count(300)
+    # Pay-later returners: BNPL "try before you buy" shoppers; share of their orders refunded
+    # (returned) and share of their orders at the shops that later turn (bnpl_cashout).
+    n_bnpl_returners: int = _count(400)
+    bnpl_return_rate: float = 0.4
+    bnpl_returner_bnpl_shop_share: float = 0.3
+
     # --- Outcomes (REFUND_OUTCOME events) ---
     # Share of legit refunds approved on review (the rest are PAID).
     legit_review_share: float = 0.15
@@ -196,6 +239,9 @@ class SimConfig:
             raise ValueError("SimConfig.start must be timezone-aware")
         if self.weeks < 1:
             raise ValueError("SimConfig.weeks must be at least 1")
+        unknown = set(self.exclude) - set(LEGIT_SCENARIOS) - _ABUSE
+        if unknown:
+            raise ValueError(f"SimConfig.exclude names unknown scenarios: {sorted(unknown)}")
 
     def resized(self, factor: float) -> SimConfig:
         """This config with every population count multiplied by ``factor`` (at least 1 each).
@@ -211,6 +257,34 @@ class SimConfig:
             if f.metadata.get("scales")
         }
         return replace(self, **counts)
+
+    def shifted(self, seed: int, *, spread: float = 0.5) -> SimConfig:
+        """Another world for evaluation: a new seed, every population count multiplied by a
+        factor in [1 / (1 + spread), 1 + spread] and every rate, share and range by one in
+        [1 - spread / 2, 1 + spread / 2] (shares stay below 1), and nothing excluded.
+
+        The model never trains on it, so it shows how the model does when the mix and the
+        behaviours' parameters differ from what it learned (model/README.md, Shifted world).
+        """
+        rng = random.Random(seed)
+        knobs: dict[str, Any] = {"seed": seed, "exclude": ()}
+        fixed = {"seed", "weeks", "start", "warmup_weeks", "exclude", "carrier_ips_per_city"}
+        for f in fields(self):
+            if f.name in fixed:
+                continue
+            value = getattr(self, f.name)
+            if f.metadata.get("scales"):
+                knobs[f.name] = max(1, round(value * rng.uniform(1 / (1 + spread), 1 + spread)))
+            elif isinstance(value, float):
+                scaled = value * rng.uniform(1 - spread / 2, 1 + spread / 2)
+                knobs[f.name] = min(scaled, 0.98) if value < 1 else scaled
+            elif isinstance(value, tuple):
+                factor = rng.uniform(1 - spread / 2, 1 + spread / 2)
+                low, high = (v * factor for v in value)
+                if isinstance(value[0], int):
+                    low, high = max(1, round(low)), max(1, round(high))
+                knobs[f.name] = (low, max(low, high))
+        return replace(self, **knobs)
 
     @classmethod
     def scaled(cls, events: int, **knobs: Any) -> SimConfig:
@@ -434,7 +508,9 @@ class _World:
         self.rng = random.Random(cfg.seed)
         self.start = int(cfg.start.timestamp())
         self.end = self.start + cfg.weeks * WEEK
-        self.now = self.start
+        self.origin = self.start - cfg.warmup_weeks * WEEK  # the honest history begins here
+        self.now = self.origin
+        self.defective: dict[int, tuple[int, int]] = {}  # id(merchant) -> bad batch (from, until)
         self._heap: list[tuple[int, int, Action, tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self._orders = itertools.count(1)
@@ -826,10 +902,11 @@ def _enroll(
     An account that signs up during the window orders within hours of signing up.
     """
     shopper = _Shopper(acct, scenario, orders_per_week, merchants, policy)
-    if acct.created_at >= w.start:
+    since = w.start if scenario in _ABUSE else w.origin  # honest accounts have a history
+    if acct.created_at >= since:
         first = acct.created_at + w.rng.expovariate(1 / (4 * HOUR))
     else:
-        first = w.start + w.rng.expovariate(orders_per_week / WEEK)
+        first = since + w.rng.expovariate(orders_per_week / WEEK)
     w.at(w.daytime(first), _shop, shopper)
     return shopper
 
@@ -851,6 +928,17 @@ def _legit_refunds(w: _World, order: _Order) -> list[_Refund]:
     def named(situation: str) -> str:
         return situation if order.scenario == "legit_normal" else order.scenario
 
+    batch = w.defective.get(id(order.merchant))
+    if (
+        batch is not None
+        and batch[0] <= order.created_at < batch[1]
+        and order.delivered_at is not None
+        and r.random() < cfg.defective_refund_share
+    ):
+        at = w.daytime(order.delivered_at + r.uniform(0.3, 4) * DAY)
+        reason = w.reason((_DAMAGED, 60), (_NAD, 40))
+        returned = r.random() < cfg.defective_returned_rate
+        return [_Refund(at, order.amount, reason, returned, "legit_defective_batch")]
     if order.category == _PHYSICAL and order.expected_at is not None:
         if order.lost:
             if r.random() >= cfg.lost_claim_rate:
@@ -1001,6 +1089,155 @@ def _start_legit_gift_card_buyer(w: _World) -> None:
             w.digital_merchants,
             _no_refunds,
         )
+
+
+def _start_legit_bracketing(w: _World) -> None:
+    """Bracketers: ordinary accounts that now and then buy one item in several sizes or colours
+    at one physical shop and send back all but one (refunds asked on the return)."""
+    cfg, r = w.cfg, w.rng
+    for _ in range(cfg.n_bracketers):
+        acct = w.account(w.aged_created() if r.random() < 0.85 else w.uniform_time(margin=2 * WEEK))
+        acct.refund_propensity = 0.6
+        _enroll(w, acct, "legit_bracketing", cfg.orders_per_week * 0.6, w.all_merchants, _legit_refunds)
+        t = max(w.origin, acct.created_at) + r.expovariate(cfg.bracket_sessions_per_week / WEEK)
+        w.at(w.daytime(t), _bracket, acct)
+
+
+def _bracket(w: _World, acct: _Account) -> SimRecord:
+    """One bracketing session: 2-4 pieces of one item at one shop, all but one returned."""
+    cfg, r = w.cfg, w.rng
+    w.at(w.next_visit(cfg.bracket_sessions_per_week), _bracket, acct)
+    shop = w.physical_merchants.pick(r)
+    sizes = r.randint(*cfg.bracket_sizes)
+    piece = w.price(_PHYSICAL)
+    back = r.sample(range(sizes), sizes - 1)  # all but one go back
+
+    def refund(order: _Order, amount: int, k: int) -> _Refund:
+        assert order.delivered_at is not None
+        at = w.daytime(order.delivered_at + r.uniform(2, 14) * DAY + k * r.uniform(0, 2) * HOUR)
+        reason = w.reason((_CHANGED_MIND, 55), (_NAD, 40), (_DAMAGED, 5))
+        return _Refund(at, amount, reason, r.random() < cfg.bracket_returned_rate, "legit_bracketing")
+
+    if r.random() < cfg.bracket_single_order_share:  # one order, refunded piece by piece
+        order = w.order(acct, shop, "legit_bracketing", category=_PHYSICAL, amount=piece * sizes)
+        if order.delivered_at is None:
+            return w.launch(order, [])
+        return w.launch(order, [refund(order, piece, k) for k in range(len(back))])
+    first = None
+    for k in range(sizes):  # one order per piece, placed within minutes
+        order = w.order(acct, shop, "legit_bracketing", category=_PHYSICAL, amount=piece)
+        refunds = [refund(order, piece, k)] if k in back and order.delivered_at is not None else []
+        placed = w.launch(order, refunds)
+        if first is None:
+            first = placed
+        else:
+            w.at(w.now, _emit, placed)
+    assert first is not None
+    return first
+
+
+def _emit(w: _World, record: SimRecord) -> SimRecord:
+    """Emit a record built by an earlier action at the same time (one action, one record)."""
+    return record
+
+
+def _start_legit_porch_theft(w: _World) -> None:
+    """Long-standing accounts with a clean history; once in the window a delivered parcel is
+    stolen from the doorstep and they claim "not received"."""
+    cfg, r = w.cfg, w.rng
+    for _ in range(cfg.n_porch_theft_accounts):
+        acct = w.account(w.start - int(r.uniform(1.5, 12) * 365 * DAY))
+        acct.refund_propensity = 0.5
+        shopper = _enroll(
+            w, acct, "legit_porch_theft", cfg.orders_per_week * 1.2, w.physical_merchants, _legit_refunds
+        )
+        shopper.history = []
+        w.at(w.start + r.uniform(3 * DAY, w.end - w.start - 4 * DAY), _porch_theft, shopper)
+
+
+def _porch_theft(w: _World, shopper: _Shopper) -> None:
+    """Claim "not received" on the newest parcel delivered in the last days (or wait for one)."""
+    r, now = w.rng, w.now
+    assert shopper.history is not None
+    recent = [
+        o for o in shopper.history if o.delivered_at is not None and 0 <= now - o.delivered_at < 3 * DAY
+    ]
+    if not recent or not recent[-1].merchant.tracked:
+        w.at(now + 2 * DAY, _porch_theft, shopper)
+        return
+    order = recent[-1]
+    refund = _Refund(w.daytime(now + r.uniform(0.1, 1) * DAY), order.amount, _INR, False, "legit_porch_theft")
+    w.at(refund.at, _request_refund, order, refund)
+
+
+def _start_legit_defective_batch(w: _World) -> None:
+    """Shops whose batch goes bad for some days: many of its buyers refund, most send it back."""
+    cfg, r = w.cfg, w.rng
+    shops = [w.physical_merchants.pick(r) for _ in range(cfg.defective_batches)]
+    for i, shop in enumerate(shops):
+        t0 = w.staggered(i, len(shops), margin=2 * WEEK)
+        w.defective[id(shop)] = (t0, t0 + int(r.uniform(*cfg.defective_days) * DAY))
+
+
+def _start_legit_campus_ip(w: _World) -> None:
+    """Campus or office sites: one to three public IPs for everyone on site (70 % of their
+    requests), a share of accounts new in the window, ordinary shopping and refunds."""
+    cfg, r = w.cfg, w.rng
+    for i in range(cfg.n_campuses):
+        ips = [w.ipv4(_RESIDENTIAL) for _ in range(r.randint(1, 3))]
+        city = w.cities.pick(r)
+        term = w.staggered(i, cfg.n_campuses, margin=2 * WEEK)
+        for _ in range(r.randint(*cfg.campus_size)):
+            new = r.random() < cfg.campus_new_share
+            created = term + r.uniform(0, 5) * DAY if new else w.aged_created()
+            acct = w.account(created, ips=ips, city=city, mobile_share=0.3)
+            _enroll(w, acct, "legit_campus_ip", cfg.orders_per_week, w.all_merchants, _legit_refunds)
+
+
+def _start_legit_digital_mistake(w: _World) -> None:
+    """Established accounts that shop as usual and once buy a gift card or top-up by mistake
+    (wrong value, charged twice, a child's purchase) and ask for it back within the hour."""
+    cfg = w.cfg
+    for _ in range(cfg.n_digital_mistakes):
+        acct = w.account(w.aged_created())
+        _enroll(w, acct, "legit_digital_mistake", cfg.orders_per_week, w.all_merchants, _legit_refunds)
+        w.at(w.daytime(w.uniform_time(margin=DAY)), _digital_mistake, acct)
+
+
+def _digital_mistake(w: _World, acct: _Account) -> SimRecord:
+    r = w.rng
+    order = w.order(acct, w.digital_merchants.pick(r), "legit_digital_mistake", category=_DIGITAL)
+    reason = w.reason((_DUPLICATE, 45), (_CHANGED_MIND, 35), (_OTHER, 20))
+    refund = _Refund(
+        w.now + int(r.uniform(3, 50) * MINUTE), order.amount, reason, False, "legit_digital_mistake"
+    )
+    return w.launch(order, [refund])
+
+
+def _start_legit_bnpl_returner(w: _World) -> None:
+    """Pay-later shoppers who order to try at home and send much back (refund on return)."""
+    cfg, r = w.cfg, w.rng
+    shops = w.bnpl_shops or [w.physical_merchants.pick(r)]
+    physical = w.physical_merchants
+    weights = [b - a for a, b in zip([0.0, *physical.cum[:-1]], physical.cum, strict=True)]
+    total, prefer = sum(weights), cfg.bnpl_returner_bnpl_shop_share
+    merchants = _Choice(
+        [(m, (1 - prefer) * wt / total) for m, wt in zip(physical.items, weights, strict=True)]
+        + [(m, prefer / len(shops)) for m in shops]
+    )
+    for _ in range(cfg.n_bnpl_returners):
+        acct = w.account(w.aged_created() if r.random() < 0.8 else w.uniform_time(margin=2 * WEEK))
+        acct.payment = pb.PAYMENT_METHOD_BNPL
+        _enroll(w, acct, "legit_bnpl_returner", cfg.orders_per_week, merchants, _bnpl_returns)
+
+
+def _bnpl_returns(w: _World, order: _Order) -> list[_Refund]:
+    cfg, r = w.cfg, w.rng
+    if order.delivered_at is None or order.category != _PHYSICAL or r.random() >= cfg.bnpl_return_rate:
+        return _legit_refunds(w, order)
+    at = w.daytime(order.delivered_at + r.uniform(2, 20) * DAY)
+    reason = w.reason((_CHANGED_MIND, 60), (_NAD, 35), (_DAMAGED, 5))
+    return [_Refund(at, order.amount, reason, r.random() < 0.92, "legit_bnpl_returner")]
 
 
 # --- Abuse ------------------------------------------------------------------------------------
@@ -1245,20 +1482,27 @@ def _unreturned_refunds(w: _World, order: _Order) -> list[_Refund]:
     return [_Refund(at, amount, _CHANGED_MIND, False, "serial_changed_mind")]
 
 
-# Called in this order at the start of a run; each creates its actors and schedules them.
-_STARTERS: tuple[Callable[[_World], None], ...] = (
-    _start_ordinary,
-    _start_legit_household_device,
-    _start_legit_traveller,
-    _start_legit_gift_card_buyer,
-    _start_serial_inr_delivered,
-    _start_cashout_ring,
-    _start_account_farm,
-    _start_account_hopping,
-    _start_bnpl_cashout,
-    _start_refund_exceeds_order,
-    _start_serial_changed_mind,
-)
+# Called in this order at the start of a run; each creates its actors and schedules them. Keyed
+# by the scenario it starts (SimConfig.exclude leaves one out; ordinary shoppers always run).
+_STARTERS: dict[str, Callable[[_World], None]] = {
+    "legit_normal": _start_ordinary,
+    "legit_household_device": _start_legit_household_device,
+    "legit_traveller": _start_legit_traveller,
+    "legit_gift_card_buyer": _start_legit_gift_card_buyer,
+    "legit_defective_batch": _start_legit_defective_batch,
+    "serial_inr_delivered": _start_serial_inr_delivered,
+    "cashout_ring": _start_cashout_ring,
+    "account_farm": _start_account_farm,
+    "account_hopping": _start_account_hopping,
+    "bnpl_cashout": _start_bnpl_cashout,
+    "refund_exceeds_order": _start_refund_exceeds_order,
+    "serial_changed_mind": _start_serial_changed_mind,
+    "legit_bracketing": _start_legit_bracketing,
+    "legit_porch_theft": _start_legit_porch_theft,
+    "legit_campus_ip": _start_legit_campus_ip,
+    "legit_digital_mistake": _start_legit_digital_mistake,
+    "legit_bnpl_returner": _start_legit_bnpl_returner,
+}
 
 
 # --- Public entry points ----------------------------------------------------------------------
@@ -1267,12 +1511,13 @@ _STARTERS: tuple[Callable[[_World], None], ...] = (
 def simulate(cfg: SimConfig, *, progress: bool = False) -> Iterator[SimRecord]:
     """Yield the run's records in non-decreasing time; a progress bar on stderr if asked."""
     world = _World(cfg)
-    for start in _STARTERS:
-        start(world)
+    for scenario, start in _STARTERS.items():
+        if scenario not in cfg.exclude or scenario == "legit_normal":
+            start(world)
     if not progress:
         yield from world.run()
         return
-    bar = _Progress(sys.stderr, world.start, world.end)
+    bar = _Progress(sys.stderr, world.origin, world.end)
     count = 0
     for count, record in enumerate(world.run(), 1):
         if count & 0xFFF == 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 
-from gate.features import FEATURE_INDEX, FEATURE_NAMES
+from gate.features import FEATURE_INDEX, FEATURE_NAMES, FEATURES
 from model.package import golden_rows, write_bundle
 
 
@@ -28,9 +28,15 @@ def synthetic_training_set(n: int = 6000, seed: int = 3) -> tuple[np.ndarray, np
     return X, y
 
 
-def build_synthetic_bundle(out: Path, version: str) -> Path:
-    """A verified bundle (40 trees x 15 leaves, compiled too) at ``out``."""
+def build_synthetic_bundle(
+    out: Path, version: str, thresholds: dict[str, float] | None = None, *, velocity: bool = True
+) -> Path:
+    """A verified bundle (40 trees x 15 leaves, compiled too) at ``out``; ``thresholds``
+    replace the usual hold 0.5 / reject 0.9; ``velocity=False`` trains on the request features
+    alone (every velocity feature NaN), so only request context can explain its scores."""
     X, y = synthetic_training_set()
+    if not velocity:
+        X[:, [f.source != "request" for f in FEATURES]] = np.nan
     params = {
         "objective": "binary",
         "num_leaves": 15,
@@ -45,7 +51,7 @@ def build_synthetic_bundle(out: Path, version: str) -> Path:
         out,
         booster,
         version=version,
-        thresholds={"hold": 0.5, "reject": 0.9},
+        thresholds=thresholds or {"hold": 0.5, "reject": 0.9},
         golden_X=golden_rows(X, 50, seed=1),
         metrics={},
         card={},

@@ -62,7 +62,12 @@ def test_each_velocity_source_fills_exactly_its_features() -> None:
         assert math.isnan(row[i]) == (f.source == "ip"), f.name
 
 
-FIELDS = {"account": ACCOUNT_FIELDS, "device": ENTITY_FIELDS, "ip": ENTITY_FIELDS, "merchant": MERCHANT_FIELDS}
+FIELDS = {
+    "account": ACCOUNT_FIELDS,
+    "device": ENTITY_FIELDS,
+    "ip": ENTITY_FIELDS,
+    "merchant": MERCHANT_FIELDS,
+}
 
 
 def test_every_velocity_field_lands_in_its_own_feature() -> None:

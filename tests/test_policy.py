@@ -145,8 +145,6 @@ def test_thresholds_must_be_ordered() -> None:
 
 
 def test_a_reason_weighs_the_evidence_of_all_its_features() -> None:
-    explain = attribution(
-        account_age_days=0.5, digital_quick_refund=0.3, acct_digital_quick_7d=0.2, m_digital_quick_24h=0.1
-    )
+    explain = attribution(account_age_days=0.5, acct_refunds_24h=0.3, dev_refunds_1h=0.2, ip_refunds_24h=0.1)
     verdict = policy.decide(0.6, T, facts(), CALM, lambda: policy.code_weights(explain))
-    assert verdict.reasons[:2] == ("DIGITAL_GOODS_QUICK_REFUND", "NEW_ACCOUNT")
+    assert verdict.reasons[:2] == ("HIGH_REFUND_VELOCITY", "NEW_ACCOUNT")
