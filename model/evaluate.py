@@ -600,33 +600,38 @@ def _plot_curves(ev: Evaluation, out: Path) -> None:
     fig.savefig(out / "curves.png", dpi=110)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    q = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.asarray(np.log(q / (1 - q)))
-
-
 def _plot_scores(ev: Evaluation, out: Path) -> None:
+    """Score distributions in probability units (a logit axis, so both tails are readable), with
+    the hold and reject lines labelled with their values."""
     t = ev.test
     fig = _figure(12, 4.2)
     axes = fig.subplots(1, 2, sharey=True)
-    bins = np.linspace(-16, 16, 81)
+    edges = 1 / (1 + np.exp(-np.linspace(-14, 14, 81)))  # bins even in log-odds, shown as p
     for ax, dec, title in (
         (axes[0], t.full, "all features"),
         (axes[1], t.degraded, "velocity features missing (degraded)"),
     ):
+        drawn = False
         for label, sel, colour in (("legitimate", t.y == 0, "tab:blue"), ("abusive", t.y == 1, "tab:red")):
-            ax.hist(_logit(dec.score[sel]), bins=bins, color=colour, alpha=0.55, label=label, density=True)
+            scores = np.clip(dec.score[sel], edges[0], edges[-1])
+            if len(scores):
+                ax.hist(scores, bins=edges, color=colour, alpha=0.55, label=label)
+                drawn = True
         for name, line in (("hold", ev.thresholds.hold), ("reject", ev.thresholds.reject)):
             ax.axvline(
-                float(_logit(np.array([line]))[0]),
+                line,
                 color="black",
                 ls="--" if name == "hold" else "-",
                 lw=1,
-                label=f"{name} line",
+                label=f"{name} at score ≥ {line:.3g}",
             )
-        ax.set(yscale="log", xlabel="model score, log-odds", title=title)
+        ax.set_xscale("logit")
+        ax.set_xlim(edges[0], edges[-1])
+        if drawn:
+            ax.set_yscale("symlog", linthresh=1)
+        ax.set(xlabel="model score (probability of abuse)", title=title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("density (log)")
+    axes[0].set_ylabel("refunds (log scale)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=110)
@@ -781,6 +786,39 @@ def _shifted_section(ev: Evaluation) -> list[str]:
     ]
 
 
+def _data_line(data: dict[str, Any]) -> str:
+    where = (
+        f"`model/simulate.py`, seed {data['seed']}"
+        + (f", without {', '.join(data['held_out'])}" if data.get("held_out") else "")
+        if data["source"] == "model/simulate.py"
+        else "history files " + ", ".join(f"`{f}`" for f in data["history"]["files"])
+    )
+    return (
+        f"- **Data**: {where}, {data['records']:,} records, {data['refunds']:,} refund requests "
+        f"({_pct(data['abuse_share'])} abusive by {data['judged_by']}), "
+        f"{data['period'][0]} → {data['period'][1]}."
+    )
+
+
+def _labels_line(data: dict[str, Any]) -> str:
+    lab = data["labels"]
+    sources = ", ".join(f"{k} {v:,}" for k, v in lab["by_source"].items())
+    return (
+        f"- **Labels from outcomes** (`model/labels.py`, maturity {lab['maturity_days']:g} days): "
+        f"{lab['abusive']:,} abusive, {lab['legitimate']:,} legitimate, {lab['left_out']:,} left out "
+        f"(by source: {sources}). Training and the thresholds use these labels; "
+        + (
+            "the tables judge by the simulator's ground truth, so undetected abuse labelled PAID "
+            "still counts as abuse there."
+            if data["judged_by"] != "outcome labels"
+            else "the tables judge by them too (no ground truth in real history)."
+        )
+        + " Selection bias: review outcomes exist only for what the old policy held; what it paid "
+        "at once is labelled legitimate unless a chargeback or an abuse finding came (model/README.md, "
+        "Labels from outcomes)."
+    )
+
+
 def write_report(ev: Evaluation, out: Path, *, version: str, card: dict[str, Any]) -> Path:
     """Write ``out/report.md`` and its plots; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -804,9 +842,8 @@ def write_report(ev: Evaluation, out: Path, *, version: str, card: dict[str, Any
         "`gate.policy.decide` with the guard rules, reasons from the path attribution — on "
         "simulated traffic replayed through the gate (point-in-time features).",
         "",
-        f"- **Data**: `model/simulate.py`, seed {data['seed']}, {data['records']:,} records, "
-        f"{data['refunds']:,} refund requests ({_pct(data['abuse_share'])} abusive), "
-        f"{data['window'][0]} → {data['window'][1]}.",
+        _data_line(data),
+        _labels_line(data),
         f"- **Split by whole weeks**: {card['split']['train']['weeks']} train, "
         f"{card['split']['valid']['weeks']} validation (early stopping, thresholds, the "
         f"baseline's k), {card['split']['test']['weeks']} test (only measured, never tuned on).",

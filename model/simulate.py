@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import json
 import math
 import random
 import sys
@@ -34,13 +33,12 @@ import time
 from bisect import bisect
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Generic, TextIO, TypeVar
 
-from google.protobuf import json_format
-
+from model.records import Record, write_records
 from refundgate.v1 import refund_gate_pb2 as pb
 
 MINUTE = 60
@@ -103,6 +101,11 @@ class SimConfig:
     warmup_weeks: int = 3
     # Scenarios left out of this world entirely (leave-behaviour-out evaluation, model/train.py).
     exclude: tuple[str, ...] = ()
+    # Days after the window during which outcomes of its refunds still arrive (no new orders or
+    # refunds): the history a model owner exports today holds the late chargebacks of last
+    # month's refunds. At least the labels' maturity window (model/labels.py), so every refund
+    # of the window can get its label.
+    outcome_tail_days: float = 60.0
 
     # --- Population ---
     # Ordinary shoppers (legit_normal and its refund situations).
@@ -258,6 +261,11 @@ class SimConfig:
         }
         return replace(self, **counts)
 
+    @property
+    def export_at(self) -> float:
+        """When this world's history is exported: the end of the outcome tail (epoch seconds)."""
+        return self.start.timestamp() + self.weeks * WEEK + self.outcome_tail_days * DAY
+
     def shifted(self, seed: int, *, spread: float = 0.5) -> SimConfig:
         """Another world for evaluation: a new seed, every population count multiplied by a
         factor in [1 / (1 + spread), 1 + spread] and every rate, share and range by one in
@@ -268,7 +276,15 @@ class SimConfig:
         """
         rng = random.Random(seed)
         knobs: dict[str, Any] = {"seed": seed, "exclude": ()}
-        fixed = {"seed", "weeks", "start", "warmup_weeks", "exclude", "carrier_ips_per_city"}
+        fixed = {
+            "seed",
+            "weeks",
+            "start",
+            "warmup_weeks",
+            "exclude",
+            "carrier_ips_per_city",
+            "outcome_tail_days",
+        }
         for f in fields(self):
             if f.name in fixed:
                 continue
@@ -317,6 +333,11 @@ class SimRecord:
     check: pb.CheckRequest | None
     label: int  # checks: 1 abuse, 0 legitimate; events: -1
     scenario: str
+
+    def record(self) -> Record:
+        """The history record (model/records.py) of this message: the scenario as its segment,
+        the ground truth left behind (labels come from the REFUND_OUTCOME events)."""
+        return Record(self.at, self.event, self.check, self.scenario)
 
 
 # --- World ------------------------------------------------------------------------------------
@@ -509,6 +530,7 @@ class _World:
         self.start = int(cfg.start.timestamp())
         self.end = self.start + cfg.weeks * WEEK
         self.origin = self.start - cfg.warmup_weeks * WEEK  # the honest history begins here
+        self.tail_end = self.end + int(cfg.outcome_tail_days * DAY)  # the last outcomes
         self.now = self.origin
         self.defective: dict[int, tuple[int, int]] = {}  # id(merchant) -> bad batch (from, until)
         self._heap: list[tuple[int, int, Action, tuple[Any, ...]]] = []
@@ -536,7 +558,7 @@ class _World:
         when = int(t)
         if when < self.now:
             raise ValueError(f"cannot schedule {action.__name__} in the past")
-        if when < self.end:
+        if when < self.end or (action is _report_outcome and when < self.tail_end):
             heapq.heappush(self._heap, (when, next(self._seq), action, args))
 
     def run(self) -> Iterator[SimRecord]:
@@ -1526,27 +1548,10 @@ def simulate(cfg: SimConfig, *, progress: bool = False) -> Iterator[SimRecord]:
     bar.finish(count)
 
 
-def record_to_json(record: SimRecord) -> str:
-    """One JSON line: at, scenario, label and the message as ``json_format.MessageToDict``."""
-    kind, message = ("event", record.event) if record.event is not None else ("check", record.check)
-    assert message is not None
-    return json.dumps(
-        {
-            "at": record.at,
-            "scenario": record.scenario,
-            "label": record.label,
-            kind: json_format.MessageToDict(message),
-        },
-        separators=(",", ":"),
-    )
-
-
-def record_from_json(line: str) -> SimRecord:
-    """Parse a line written by `record_to_json`."""
-    data = json.loads(line)
-    event = json_format.ParseDict(data["event"], pb.Event()) if "event" in data else None
-    check = json_format.ParseDict(data["check"], pb.CheckRequest()) if "check" in data else None
-    return SimRecord(data["at"], event, check, data["label"], data["scenario"])
+def records(cfg: SimConfig, *, progress: bool = False) -> Iterator[Record]:
+    """The run as history records (model/records.py): what a model owner's export holds."""
+    for rec in simulate(cfg, progress=progress):
+        yield rec.record()
 
 
 class _Progress:
@@ -1606,16 +1611,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="about this many records (default: the default config, ~385k)",
     )
     parser.add_argument("--seed", type=int, default=SimConfig.seed)
-    parser.add_argument("--out", default=None, help="JSON-lines file to write (default: none)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="history file to write (model/README.md, History format; .gz compresses; default: none)",
+    )
+    parser.add_argument("--exclude", nargs="*", default=[], metavar="SCENARIO", help="scenarios to leave out")
     args = parser.parse_args(argv)
-    cfg = SimConfig(seed=args.seed) if args.events is None else SimConfig.scaled(args.events, seed=args.seed)
+    knobs: dict[str, Any] = {"seed": args.seed, "exclude": tuple(args.exclude)}
+    cfg = SimConfig(**knobs) if args.events is None else SimConfig.scaled(args.events, **knobs)
     counts: Counter[tuple[str, int]] = Counter()
-    with open(args.out, "w", encoding="utf-8") if args.out else nullcontext() as out:
-        for record in simulate(cfg, progress=True):
-            counts[record.scenario, record.label] += 1
-            if out is not None:
-                out.write(record_to_json(record))
-                out.write("\n")
+
+    def counted() -> Iterator[Record]:
+        for rec in simulate(cfg, progress=True):
+            counts[rec.scenario, rec.label] += 1
+            yield rec.record()
+
+    if args.out is not None:
+        write_records(counted(), args.out)
+    else:
+        for _ in counted():
+            pass
     _summary(counts, sys.stderr)
 
 

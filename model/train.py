@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,8 +37,10 @@ from gate.scoring import load_model
 from gate.settings import Settings
 from model import evaluate
 from model.dataset import Dataset, build_dataset
+from model.labels import DEFAULT_MATURITY_DAYS
 from model.package import golden_rows, write_bundle
-from model.simulate import WEEK, SimConfig, simulate
+from model.records import DEFAULT_MAX_BAD_SHARE, Record, read_records
+from model.simulate import WEEK, SimConfig, records
 
 HERE = Path(__file__).resolve().parent
 BUNDLES = HERE / "bundles"
@@ -60,6 +64,7 @@ HELD_OUT_BEHAVIOURS = ("legit_bnpl_returner", "legit_defective_batch")
 SHIFT_SAFETY = 0.8
 SEGMENT_HELD_MAX = 0.03  # no honest segment held above this share (issue #11 target)
 SHIFTED_WEEKS = 3
+SHIFTED_EVENTS = 700_000
 PARAMS: dict[str, Any] = {
     "objective": "binary",
     "learning_rate": 0.05,
@@ -90,32 +95,44 @@ class Split:
     valid: np.ndarray
     test: np.ndarray
     weeks: dict[str, tuple[int, int]]
+    start_s: float  # where week 1 begins
 
 
 def time_split(
-    at: np.ndarray, start_s: float, n_weeks: int, *, valid_weeks: int = 1, test_weeks: int = 1
+    at: np.ndarray, end_s: float, n_weeks: int, *, valid_weeks: int = 1, test_weeks: int = 1
 ) -> Split:
-    """Split by whole weeks of the window: the last ``test_weeks`` test, the ``valid_weeks``
-    before them validate, every earlier week trains.
+    """Split by whole weeks counted back from ``end_s`` (the labels' horizon): the last
+    ``test_weeks`` test, the ``valid_weeks`` before them validate, every earlier week trains;
+    refunds from ``end_s`` on are in no part (their labels are not mature yet).
 
     Whole weeks, not quantiles of time, so each part holds complete weekly cycles and its
     boundaries do not move with the traffic mix; the abuse scenarios are spread over the window
     (model/README.md), so every part sees each of them.
     """
     if n_weeks - valid_weeks - test_weeks < 1:
-        raise ValueError("the window needs at least one training week")
-    week = np.minimum(((at - start_s) // WEEK).astype(int), n_weeks - 1)
+        raise ValueError("the history needs at least one training week before validation and test")
+    start_s = end_s - n_weeks * WEEK
+    week = ((at - start_s) // WEEK).astype(int)
+    inside = (week >= 0) & (at < end_s)
     first_valid, first_test = n_weeks - valid_weeks - test_weeks, n_weeks - test_weeks
     return Split(
-        train=(week >= 0) & (week < first_valid),  # before the window: warm-up history only
-        valid=(week >= first_valid) & (week < first_test),
-        test=week >= first_test,
+        train=inside & (week < first_valid),
+        valid=inside & (week >= first_valid) & (week < first_test),
+        test=inside & (week >= first_test),
         weeks={
             "train": (1, first_valid),
             "valid": (first_valid + 1, first_test),
             "test": (first_test + 1, n_weeks),
         },
+        start_s=start_s,
     )
+
+
+def label_horizon(data: Dataset, maturity_days: float) -> tuple[float, int]:
+    """End of the labelled history (the last refund, or the last that can be mature at the end of
+    the data, whichever is earlier) and the whole or partial weeks from the first refund to it."""
+    end_s = min(float(data.at.max()), data.labels.as_of - maturity_days * 86_400) + 1.0
+    return end_s, max(1, math.ceil((end_s - float(data.at.min())) / WEEK))
 
 
 def mask_velocity(X: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -155,13 +172,13 @@ def choose_thresholds(
 
 
 def fit(data: Dataset, split: Split, *, seed: int, max_trees: int, dropout: float) -> lgb.Booster:
-    """Fit on the training weeks (velocity masked in ``dropout`` of the rows), stopping early on
-    the validation weeks; returns the booster cut at its best iteration."""
-    X_train = mask_velocity(data.X[split.train], dropout, np.random.default_rng(seed))
-    train_set = lgb.Dataset(
-        X_train, data.y[split.train], feature_name=list(FEATURE_NAMES), free_raw_data=False
-    )
-    valid_set = lgb.Dataset(data.X[split.valid], data.y[split.valid], reference=train_set)
+    """Fit on the labelled refunds of the training weeks (outcome labels; velocity masked in
+    ``dropout`` of the rows), stopping early on the validation weeks' labelled refunds; returns
+    the booster cut at its best iteration."""
+    train, valid = split.train & (data.label >= 0), split.valid & (data.label >= 0)
+    X_train = mask_velocity(data.X[train], dropout, np.random.default_rng(seed))
+    train_set = lgb.Dataset(X_train, data.label[train], feature_name=list(FEATURE_NAMES), free_raw_data=False)
+    valid_set = lgb.Dataset(data.X[valid], data.label[valid], reference=train_set)
     booster = lgb.train(
         dict(PARAMS, seed=seed),
         train_set,
@@ -179,7 +196,7 @@ def _iso(ts: float) -> str:
 def model_card(
     data: Dataset,
     split: Split,
-    cfg: SimConfig,
+    source: dict[str, Any],
     booster: lgb.Booster,
     thresholds: Thresholds,
     ev: evaluate.Evaluation,
@@ -189,7 +206,7 @@ def model_card(
     degraded_below: int,
 ) -> dict[str, Any]:
     """What the model is for, what it was trained and tested on, how well it does, where not."""
-    start = cfg.start
+    start = datetime.fromtimestamp(split.start_s, UTC)
 
     def part(mask: np.ndarray, weeks: tuple[int, int]) -> dict[str, Any]:
         first, last = weeks
@@ -213,12 +230,14 @@ def model_card(
             "traffic unlike the simulated marketplace before recalibration",
         ],
         "data": {
-            "source": "model/simulate.py replayed through the gate (model/dataset.py)",
-            "seed": cfg.seed,
+            **source,
             "records": data.records,
             "refunds": len(data),
-            "abuse_share": float(data.y.mean()),
-            "window": [_iso(start.timestamp()), _iso((start + timedelta(weeks=cfg.weeks)).timestamp())],
+            "abuse_share": float(data.y[data.y >= 0].mean()) if (data.y >= 0).any() else 0.0,
+            "period": [_iso(data.first_at), _iso(data.last_at)],
+            "window": [_iso(split.start_s), _iso(split.start_s + split.weeks["test"][1] * WEEK)],
+            "labels": data.labels.summary(),
+            "judged_by": "ground truth of the simulator's scenarios" if data.simulated else "outcome labels",
             "scenarios": {str(n): int(c) for n, c in zip(names, counts, strict=True)},
         },
         "split": {name: part(getattr(split, name), split.weeks[name]) for name in ("train", "valid", "test")},
@@ -236,12 +255,14 @@ def model_card(
             "monotone_constraints": {
                 f.name: {"direction": f.monotone, "why": f.why} for f in FEATURES if f.monotone
             },
-            "held_out_of_training": list(cfg.exclude),
+            "held_out_of_training": list(source.get("held_out", [])),
+            "labels": "outcomes (model/labels.py): CONFIRMED_ABUSE, CHARGEBACK, REVIEW_REJECTED abusive; "
+            "PAID, REVIEW_APPROVED legitimate once older than the maturity window",
         },
         "thresholds": {
             "hold": thresholds.hold,
             "reject": thresholds.reject,
-            "chosen_on": "validation weeks",
+            "chosen_on": "validation weeks (outcome labels) and, when present, a shifted calibration world",
             "targets": {
                 "legit_held_or_rejected_max": ev.targets.legit_held,
                 "legit_rejected_max": ev.targets.legit_rejected,
@@ -316,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--shifted-events",
         type=int,
-        default=700_000,
-        help="records of each shifted world (calibration and test; 0: none)",
+        default=None,
+        help=f"records of each shifted world (calibration and test; 0: none; default {SHIFTED_EVENTS:,} "
+        "when training on the simulator, 0 on history files)",
     )
     parser.add_argument(
         "--hold-out",
@@ -326,51 +348,110 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SCENARIO",
         help="honest behaviours left out of the training world (the shifted worlds have them)",
     )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="train on these history files (model/README.md, History format) instead of the simulator",
+    )
+    parser.add_argument(
+        "--max-bad-share",
+        type=float,
+        default=DEFAULT_MAX_BAD_SHARE,
+        help="stop when more than this share of history lines are bad",
+    )
+    parser.add_argument(
+        "--maturity-days",
+        type=float,
+        default=DEFAULT_MATURITY_DAYS,
+        help="a paid or approved refund is labelled legitimate once this old (model/labels.py)",
+    )
+    parser.add_argument(
+        "--as-of",
+        type=float,
+        default=None,
+        metavar="EPOCH_S",
+        help="end of the history export (labels mature against it; default: the last record's time, "
+        "or the simulator's last outcome day)",
+    )
     parser.add_argument("--out", type=Path, default=BUNDLES, help="bundles directory")
     parser.add_argument("--reports", type=Path, default=REPORTS, help="reports directory")
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("TRAIN_REDIS_URL"),
-        help="a scratch Redis (default: start a throw-away redis-server)",
+        help="an empty scratch Redis (default: start a throw-away redis-server for each replay)",
     )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument(
-        "--no-current", action="store_true", help="do not point <out>/current at the new bundle"
+        "--update-default",
+        action="store_true",
+        help="point <out>/current at the new bundle (the committed default); without it training "
+        "writes a new bundle beside the others and never overwrites one",
     )
     args = parser.parse_args(argv)
     targets = evaluate.Targets(args.target_hold, args.target_reject)
     degraded_below = Settings().degraded_approve_below_minor
-
     started = time.monotonic()
     held_out = tuple(args.hold_out)
-    cfg = SimConfig.scaled(events=args.events, seed=args.seed, exclude=held_out)
-    data = replay(cfg, args.redis_url)
-    split = time_split(data.at, cfg.start.timestamp(), cfg.weeks)
+    source: dict[str, Any]
+    if args.records:
+        history = read_records(args.records, max_bad_share=args.max_bad_share, progress=True)
+        for bad in history.bad[:20]:
+            print(f"bad line: {bad}", file=sys.stderr)
+        print(
+            f"history: {history.good:,} good records, {len(history.bad):,} bad lines "
+            f"({history.bad_share:.2%}) in {history.read_s:.0f} s ({history.records_per_s:,.0f} lines/s)",
+            file=sys.stderr,
+        )
+        source = {"source": "history files", "history": history.summary()}
+        data = replay(
+            history, args.redis_url, maturity_days=args.maturity_days, as_of=args.as_of, total=history.good
+        )
+        shifted_events = args.shifted_events if args.shifted_events is not None else 0
+    else:
+        cfg = SimConfig.scaled(events=args.events, seed=args.seed, exclude=held_out)
+        source = {"source": "model/simulate.py", "seed": cfg.seed, "held_out": list(held_out)}
+        print(f"simulating (seed {cfg.seed})", file=sys.stderr)
+        as_of = cfg.export_at if args.as_of is None else args.as_of
+        data = replay(records(cfg), args.redis_url, maturity_days=args.maturity_days, as_of=as_of)
+        shifted_events = args.shifted_events if args.shifted_events is not None else SHIFTED_EVENTS
+    end_s, n_weeks = label_horizon(data, args.maturity_days)
+    split = time_split(data.at, end_s, n_weeks)
     booster = fit(data, split, seed=args.seed, max_trees=args.max_trees, dropout=args.dropout)
     calibration = test_world = None
-    if args.shifted_events > 0:
-        calibration = shifted_world(args.shifted_events, args.seed + 101, args.redis_url)
-        test_world = shifted_world(args.shifted_events, args.seed + 202, args.redis_url)
+    if shifted_events > 0:
+        calibration = shifted_world(shifted_events, args.seed + 101, args.redis_url, args.maturity_days)
+        test_world = shifted_world(shifted_events, args.seed + 202, args.redis_url, args.maturity_days)
     cal = None
     if calibration is not None:
-        c_data, c_mask = calibration[1], calibration[2]
-        cal = (np.asarray(booster.predict(c_data.X[c_mask])), c_data.y[c_mask], c_data.scenario[c_mask])
+        c_data, c_mask = calibration[1], calibration[2] & (calibration[1].label >= 0)
+        cal = (np.asarray(booster.predict(c_data.X[c_mask])), c_data.label[c_mask], c_data.scenario[c_mask])
+    valid = split.valid & (data.label >= 0)
     thresholds = choose_thresholds(
-        np.asarray(booster.predict(data.X[split.valid])), data.y[split.valid], targets, cal
+        np.asarray(booster.predict(data.X[valid])), data.label[valid], targets, cal
     )
     model_txt = booster.model_to_string()
     version = "rg-" + hashlib.sha256(model_txt.encode()).hexdigest()[:12]
+    if (args.out / version).exists() and not args.update_default:
+        print(
+            f"bundle {version} already exists in {args.out} (same data and seed): nothing written",
+            file=sys.stderr,
+        )
+        return
     with tempfile.TemporaryDirectory() as tmp:  # the gate's scorer, as a bundle would load it
         (Path(tmp) / "model.txt").write_text(model_txt)
         model = load_model(Path(tmp) / "model.txt", feature_names=FEATURE_NAMES)
     # LightGBM records the scaled gain of a supporting feature's split; undo it for importance.
     gain = booster.feature_importance("gain") / np.asarray(PARAMS["feature_contri"])
+    judged = data.y >= 0
     ev = evaluate.evaluate(
         model,
         thresholds,
         data,
-        valid=split.valid,
-        test=split.test,
+        valid=split.valid & judged,
+        test=split.test & judged,
         gain=gain,
         targets=targets,
         degraded_policy=DegradedPolicy(degraded_below),
@@ -381,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             model,
             thresholds,
             t_data,
-            t_mask,
+            t_mask & (t_data.y >= 0),
             baseline_k=ev.baseline_k,
             degraded_policy=DegradedPolicy(degraded_below),
             description={
@@ -398,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     card = model_card(
         data,
         split,
-        cfg,
+        source,
         booster,
         thresholds,
         ev,
@@ -418,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         report=os.path.relpath(report, args.out / version),
         compile_so=not args.no_compile,
     )
-    if not args.no_current:
+    if args.update_default:
         point_current(args.out, version)
     print(
         f"bundle {out} ({booster.num_trees()} trees), report {report}, "
@@ -427,28 +508,48 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def replay(cfg: SimConfig, redis_url: str | None) -> Dataset:
-    """Simulate ``cfg`` and replay it through the gate against ``redis_url`` (default: a
-    throw-away redis-server, stopped afterwards)."""
+def replay(
+    history: Iterable[Record],
+    redis_url: str | None,
+    *,
+    maturity_days: float,
+    as_of: float | None = None,
+    total: int | None = None,
+) -> Dataset:
+    """Replay ``history`` through the gate against ``redis_url`` (default: a throw-away
+    redis-server, stopped afterwards) and label it from its outcomes."""
     redis = None if redis_url else start_redis()
     try:
-        print(f"simulating (seed {cfg.seed}) and replaying through the gate", file=sys.stderr)
         data = asyncio.run(
-            build_dataset(simulate(cfg, progress=True), redis_url or (redis.url if redis else ""))
+            build_dataset(
+                history,
+                redis_url or (redis.url if redis else ""),
+                maturity_days=maturity_days,
+                as_of=as_of,
+                total=total,
+            )
         )
     finally:
         if redis is not None:
             redis.stop()
-    print(f"dataset: {len(data):,} refunds, {int(data.y.sum()):,} abusive", file=sys.stderr)
+    labels = data.labels.summary()
+    print(
+        f"dataset: {len(data):,} refunds; labels from outcomes: {labels['abusive']:,} abusive, "
+        f"{labels['legitimate']:,} legitimate, {labels['left_out']:,} left out {labels['by_source']}",
+        file=sys.stderr,
+    )
     return data
 
 
-def shifted_world(events: int, seed: int, redis_url: str | None) -> tuple[SimConfig, Dataset, np.ndarray]:
+def shifted_world(
+    events: int, seed: int, redis_url: str | None, maturity_days: float
+) -> tuple[SimConfig, Dataset, np.ndarray]:
     """A world the model never trained on (``SimConfig.shifted``: new seed, shifted mixes and
     parameters, every honest behaviour in it), replayed through the gate; with the mask of its
     rows inside the window (after the warm-up history)."""
     cfg = SimConfig.scaled(events=events, seed=seed, weeks=SHIFTED_WEEKS).shifted(seed)
-    data = replay(cfg, redis_url)
+    print(f"shifted world (seed {seed})", file=sys.stderr)
+    data = replay(records(cfg), redis_url, maturity_days=maturity_days, as_of=cfg.export_at)
     return cfg, data, data.at >= cfg.start.timestamp()
 
 
