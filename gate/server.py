@@ -368,7 +368,7 @@ def serve(settings: Settings, watcher: ModelWatcher) -> None:
     if settings.workers == 1:
         run_loop(settings.event_loop, _run(settings, watcher, reuse_port=False))
         return
-    _check_port_free(settings.listen)
+    check_port_free(settings.listen)
 
     def worker(i: int) -> None:
         setup_logging(settings.log_level)  # the parent's log writer thread did not fork
@@ -420,10 +420,13 @@ def fork_workers(count: int, run: Callable[[int], None]) -> int:
     return status
 
 
-def _check_port_free(listen: str) -> None:
-    """With SO_REUSEPORT a second gate would silently share a busy port; refuse instead."""
+def check_port_free(listen: str) -> None:
+    """Refuse a port another process listens on: with SO_REUSEPORT a second gate would silently
+    share it, and without, gRPC core would log its own error first. (SO_REUSEADDR, as gRPC sets
+    it: connections of a previous run still in TIME_WAIT do not count.)"""
     host, _, port = listen.rpartition(":")
     with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host.strip("[]"), int(port)))
         except OSError:
