@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -62,6 +63,14 @@ class BadInput(Failed):
     """Input the command cannot use (e.g. malformed --json): one line, exit USAGE."""
 
     status = USAGE
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout; on a wide terminal, each flag and its help on one line."""
+
+    def __init__(self, prog: str) -> None:
+        wide = shutil.get_terminal_size().columns >= 130
+        super().__init__(prog, max_help_position=50 if wide else 24)
 
 
 class Parser(argparse.ArgumentParser):
@@ -362,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="refund-gate decides refunds over gRPC (APPROVE, HOLD_FOR_REVIEW, REJECT); "
         "these commands serve it, call it and run it.",
         epilog=EXIT_STATUS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
@@ -372,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve RefundGate until SIGTERM. Every setting is a flag or a GATE_* variable "
         "(the flag wins); they are validated before anything starts.",
         epilog=EXIT_STATUS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_settings_flags(p_serve)
     p_serve.set_defaults(func=cmd_serve)
@@ -384,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as JSON too (code, message, field_violations) and exits 1. Unset fields get friendly "
         "defaults, so the one-liner works.",
         epilog=EXIT_STATUS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p_check.add_argument("--target", default="127.0.0.1:50051", help="host:port of the gate")
     p_check.add_argument("--timeout-ms", type=float, default=1000.0, metavar="MS", help="the call's deadline")
@@ -424,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Add, remove, show or list blocklist entries; ids are stored hashed with "
         "GATE_ID_HASH_KEY, so use the gate's key.",
         epilog=EXIT_STATUS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p_block.add_argument("action", choices=("add", "remove", "show", "list"))
     p_block.add_argument("--account")
@@ -440,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the decision log",
         description="Print the latest decisions of the decision log stream as JSON lines.",
         epilog=EXIT_STATUS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p_dec.add_argument("action", choices=("tail",))
     p_dec.add_argument("-n", type=int, default=20, help="how many of the latest to print")

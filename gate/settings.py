@@ -42,7 +42,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
     "Redis": (
         "the velocity store, the stored replies and the decision log",
         {
-            "redis_url": "Redis of the velocity store: redis://[:password@]host:port/db",
+            "redis_url": "the velocity store: redis://[:password@]host:port/db",
             "redis_connect_timeout_ms": "time allowed to open a Redis connection",
             "breaker_failures": "consecutive Redis failures that open the circuit breaker",
             "key_prefix": "prefix of every Redis key",
