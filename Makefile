@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy gate
+	$(BIN)/mypy gate model bench
 
 ## Regenerate the protobuf/gRPC code from proto/ (never edit refundgate/ by hand).
 proto: $(STAMP)

@@ -1,4 +1,4 @@
-"""Wiring: build the gRPC server (service, health, reflection) and run it until SIGTERM.
+"""Wiring: build the gRPC server (service, health, reflection v1 and v1alpha) and run it until SIGTERM.
 
 ``create_server`` is separate from ``serve`` so tests bind port 0 and get the real server.
 Health is NOT_SERVING until a model is loaded and Redis has answered once, SERVING after that
@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gate.admission import Admission, find_new_server, server_ids_or_none
 from gate.breaker import CircuitBreaker, State
@@ -31,10 +30,17 @@ from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog
 from gate.logs import setup_logging
 from gate.redisclient import RedisAddress, RedisConnection, RedisError
+from gate.reflection import enable_reflection
 from gate.reloader import ModelHolder, ModelWatcher
 from gate.service import RefundGateService, bad_request_status
 from gate.settings import Settings
-from gate.telemetry import Telemetry, observe_breaker, start_prometheus_server
+from gate.telemetry import (
+    Telemetry,
+    announce_model,
+    announce_shadow,
+    observe_breaker,
+    start_prometheus_server,
+)
 from gate.validation import ValidationError, Violation
 from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
 from refundgate.v1 import admin_pb2, admin_pb2_grpc
@@ -246,8 +252,20 @@ def create_gate(
     holder = (
         watcher.holder if watcher is not None else ModelHolder(models if isinstance(models, Bundle) else None)
     )
+
+    def announce_models() -> None:  # a new model's series exist at 0 before its first decision
+        if holder.bundle is not None:
+            announce_model(telemetry.m, holder.bundle.version)
+        if holder.shadow is not None:
+            announce_shadow(telemetry.m, holder.shadow.version)
+
+    def on_load(result: str) -> None:
+        announce_models()
+        telemetry.m.model_loads.add(1, {"result": result})
+
+    announce_models()
     if watcher is not None:
-        watcher.on_result = lambda result: telemetry.m.model_loads.add(1, {"result": result})
+        watcher.on_result = on_load
         if holder.refusals:  # refused before telemetry existed (e.g. a bad shadow at start-up)
             telemetry.m.model_loads.add(holder.refusals, {"result": "refused"})
     redis = RedisConnection(
@@ -305,14 +323,8 @@ def create_gate(
     admin_pb2_grpc.add_GateAdminServicer_to_server(GateAdminService(holder), server)
     health_servicer = _HealthServicer(admission)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            ADMIN_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    enable_reflection(
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
     )
     port = server.add_insecure_port(settings.listen)
     if port == 0:
@@ -356,7 +368,7 @@ def serve(settings: Settings, watcher: ModelWatcher) -> None:
     if settings.workers == 1:
         run_loop(settings.event_loop, _run(settings, watcher, reuse_port=False))
         return
-    _check_port_free(settings.listen)
+    check_port_free(settings.listen)
 
     def worker(i: int) -> None:
         setup_logging(settings.log_level)  # the parent's log writer thread did not fork
@@ -408,10 +420,13 @@ def fork_workers(count: int, run: Callable[[int], None]) -> int:
     return status
 
 
-def _check_port_free(listen: str) -> None:
-    """With SO_REUSEPORT a second gate would silently share a busy port; refuse instead."""
+def check_port_free(listen: str) -> None:
+    """Refuse a port another process listens on: with SO_REUSEPORT a second gate would silently
+    share it, and without, gRPC core would log its own error first. (SO_REUSEADDR, as gRPC sets
+    it: connections of a previous run still in TIME_WAIT do not count.)"""
     host, _, port = listen.rpartition(":")
     with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host.strip("[]"), int(port)))
         except OSError:

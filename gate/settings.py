@@ -23,6 +23,67 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model" / "bundles"
 
 
+GROUPS: dict[str, tuple[str, dict[str, str]]] = {
+    "server": (
+        "where the gRPC service listens, its processes, and how much it takes on",
+        {
+            "listen": "host:port of the RefundGate gRPC service",
+            "workers": "server processes sharing the port (SO_REUSEPORT)",
+            "event_loop": "event loop of each worker: uvloop or asyncio",
+            "max_concurrency": "calls held per process at which every new call is refused",
+            "shed_start": "calls held per process past which a rising share is refused",
+            "admission_window_ms": "how long a backlog must stand before shedding starts",
+            "admission_sample_ms": "how often the calls held are read from gRPC core",
+            "max_message_bytes": "largest request message accepted",
+            "max_events_per_call": "largest RecordEvents batch",
+            "grace_s": "on SIGTERM, time given to in-flight calls",
+        },
+    ),
+    "Redis": (
+        "the velocity store, the stored replies and the decision log",
+        {
+            "redis_url": "the velocity store: redis://[:password@]host:port/db",
+            "redis_connect_timeout_ms": "time allowed to open a Redis connection",
+            "breaker_failures": "consecutive Redis failures that open the circuit breaker",
+            "key_prefix": "prefix of every Redis key",
+            "id_hash_key": "secret key hashing ids in Redis keys; set one in production",
+            "replay_ttl_s": "how long a decision is kept for retries of its refund_id",
+            "decision_log": "append every decision to the stream <key_prefix>:decisions",
+            "decision_log_maxlen": "approximate cap of the decision stream's length",
+            "decision_log_queue": "decisions waiting to be written before they are dropped",
+        },
+    ),
+    "model": (
+        "the model bundles served, watched and hot-reloaded",
+        {
+            "model_dir": "directory with current (and shadow) bundle links, or one bundle",
+            "model_poll_s": "how often the model directory is checked for a new bundle",
+        },
+    ),
+    "budget and policy": (
+        "how long a Check may take and what it trusts",
+        {
+            "budget_ms": "time one Check may take, unless the caller's deadline is shorter",
+            "deadline_margin_ms": "kept back from the caller's deadline for the response",
+            "score_reserve_ms": "kept back from the budget for scoring and policy after Redis",
+            "degraded_approve_below_minor": "without velocity features, APPROVE only below this amount",
+            "allow_client_time": "trust client timestamps far from the server clock (replays)",
+            "clock_skew_s": "largest client clock distance accepted when not trusted",
+        },
+    ),
+    "telemetry": (
+        "metrics, traces and logs (exporters: OTEL_* variables)",
+        {
+            "telemetry": "traces and metrics; off only to measure their cost",
+            "admin_listen": "host:port of /metrics (worker i: port + i); empty disables it",
+            "log_level": "level of the JSON logs",
+        },
+    ),
+}
+"""``serve --help``: each setting in one group, with a one-line summary (the full text is its
+field's doc below)."""
+
+
 class SettingsError(ValueError):
     """A setting is missing or out of range; raised at start-up, before serving."""
 
@@ -215,53 +276,72 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        """Refuse settings that cannot work, with a message saying which and why."""
+        """Refuse settings that cannot work: one message naming each bad setting's variable and
+        flag. A check that compares two settings runs only when the other one is valid itself,
+        so one mistake gives one complaint."""
         problems: list[str] = []
+
+        def need(ok: bool, name: str, requirement: str) -> bool:
+            if not ok:
+                problems.append(f"{describe_setting(name)} {requirement} (got {self._shown(name)})")
+            return ok
+
         host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit():
-            problems.append("listen must be host:port")
-        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
-            problems.append("redis_url must start with redis://, rediss:// or unix://")
-        if self.workers < 1:
-            problems.append("workers must be >= 1")
-        if self.event_loop not in EVENT_LOOPS:
-            problems.append(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
-        if not 1.0 <= self.budget_ms <= 10_000:
-            problems.append("budget_ms must be within 1..10000")
-        if self.score_reserve_ms < 0 or self.score_reserve_ms >= self.budget_ms:
-            problems.append("score_reserve_ms must be >= 0 and below budget_ms")
-        if self.deadline_margin_ms < 0:
-            problems.append("deadline_margin_ms must be >= 0")
-        if self.redis_connect_timeout_ms <= 0:
-            problems.append("redis_connect_timeout_ms must be > 0")
-        if len(self.id_hash_key) < 16:
-            problems.append("id_hash_key must be at least 16 characters")
-        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
-            problems.append("key_prefix must be non-empty and contain no braces")
-        if self.replay_ttl_s < 60:
-            problems.append("replay_ttl_s must be >= 60")
-        if self.model_poll_s <= 0:
-            problems.append("model_poll_s must be > 0")
-        if self.breaker_failures < 1:
-            problems.append("breaker_failures must be >= 1")
-        if self.max_concurrency < 1 or self.max_events_per_call < 1:
-            problems.append("max_concurrency and max_events_per_call must be >= 1")
-        if self.shed_start < 1:
-            problems.append("shed_start must be >= 1")
-        if not 0.1 <= self.admission_sample_ms <= 1000:
-            problems.append("admission_sample_ms must be within 0.1..1000")
-        if not self.admission_sample_ms <= self.admission_window_ms <= 60_000:
-            problems.append("admission_window_ms must be within admission_sample_ms..60000")
-        if self.admin_listen and not self.admin_listen.rpartition(":")[2].isdigit():
-            problems.append("admin_listen must be host:port or empty")
-        if self.decision_log_maxlen < 1000 or self.decision_log_queue < 1:
-            problems.append("decision_log_maxlen must be >= 1000 and decision_log_queue >= 1")
-        if self.max_message_bytes < 1024:
-            problems.append("max_message_bytes must be >= 1024")
-        if self.degraded_approve_below_minor < 0:
-            problems.append("degraded_approve_below_minor must be >= 0")
+        need(bool(host) and port.isdigit(), "listen", "must be host:port")
+        need(
+            urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),
+            "redis_url",
+            "must start with redis://, rediss:// or unix://",
+        )
+        need(self.workers >= 1, "workers", "must be >= 1")
+        need(self.event_loop in EVENT_LOOPS, "event_loop", f"must be one of {', '.join(EVENT_LOOPS)}")
+        if need(1.0 <= self.budget_ms <= 10_000, "budget_ms", "must be within 1..10000"):
+            need(
+                0 <= self.score_reserve_ms < self.budget_ms,
+                "score_reserve_ms",
+                f"must be >= 0 and below {describe_setting('budget_ms')}",
+            )
+        else:
+            need(self.score_reserve_ms >= 0, "score_reserve_ms", "must be >= 0")
+        need(self.deadline_margin_ms >= 0, "deadline_margin_ms", "must be >= 0")
+        need(self.redis_connect_timeout_ms > 0, "redis_connect_timeout_ms", "must be > 0")
+        need(len(self.id_hash_key) >= 16, "id_hash_key", "must be at least 16 characters")
+        need(
+            bool(self.key_prefix) and "{" not in self.key_prefix and "}" not in self.key_prefix,
+            "key_prefix",
+            "must be non-empty and contain no braces",
+        )
+        need(self.replay_ttl_s >= 60, "replay_ttl_s", "must be >= 60")
+        need(self.model_poll_s > 0, "model_poll_s", "must be > 0")
+        need(self.breaker_failures >= 1, "breaker_failures", "must be >= 1")
+        need(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        need(self.max_events_per_call >= 1, "max_events_per_call", "must be >= 1")
+        need(self.shed_start >= 1, "shed_start", "must be >= 1")
+        if need(0.1 <= self.admission_sample_ms <= 1000, "admission_sample_ms", "must be within 0.1..1000"):
+            need(
+                self.admission_sample_ms <= self.admission_window_ms <= 60_000,
+                "admission_window_ms",
+                f"must be within {describe_setting('admission_sample_ms')}..60000",
+            )
+        else:
+            need(self.admission_window_ms <= 60_000, "admission_window_ms", "must be <= 60000")
+        need(
+            not self.admin_listen or self.admin_listen.rpartition(":")[2].isdigit(),
+            "admin_listen",
+            "must be host:port or empty",
+        )
+        need(self.decision_log_maxlen >= 1000, "decision_log_maxlen", "must be >= 1000")
+        need(self.decision_log_queue >= 1, "decision_log_queue", "must be >= 1")
+        need(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+        need(self.degraded_approve_below_minor >= 0, "degraded_approve_below_minor", "must be >= 0")
         if problems:
             raise SettingsError("invalid settings: " + "; ".join(problems))
+
+    def _shown(self, name: str) -> str:
+        value = getattr(self, name)
+        if name == "id_hash_key":
+            return f"{len(value)} characters"
+        return repr(_mask(name, value) if name == "redis_url" else value)
 
     def describe(self) -> dict[str, Any]:
         """Effective settings for the start-up log, secrets masked."""
@@ -311,7 +391,15 @@ def _parse(name: str, raw: str, default: Any) -> Any:
             return Path(raw)
         return raw
     except ValueError:
-        raise SettingsError(f"GATE_{name.upper()}: cannot parse {raw!r}") from None
+        kind = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+        shown = "(secret)" if name == "id_hash_key" else repr(raw)
+        raise SettingsError(f"{describe_setting(name)}: cannot parse {shown} as {kind}") from None
+
+
+def describe_setting(name: str) -> str:
+    """How a user sets field ``name``: its name, variable and flag, e.g.
+    ``budget_ms (GATE_BUDGET_MS, --budget-ms)``."""
+    return f"{name} (GATE_{name.upper()}, --{name.replace('_', '-')})"
 
 
 def settings_fields() -> list[dataclasses.Field[Any]]:

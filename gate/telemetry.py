@@ -20,9 +20,11 @@ below the server span exist only when it is sampled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,15 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.metrics import Counter, Histogram, Meter, NoOpMeter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -62,6 +72,25 @@ LATENCY_BUCKETS = (
     0.25,
     1.0,
 )
+DECISIONS = ("APPROVE", "HOLD_FOR_REVIEW", "REJECT")  # gate/policy.py's decision names
+CHECK_OUTCOMES = (
+    *DECISIONS,
+    "INVALID_ARGUMENT",
+    "ALREADY_EXISTS",
+    "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
+    "INTERNAL",
+)
+"""Every ``outcome`` of the Check duration histogram: a decision or the code of an error answer."""
+EVENTS_OUTCOMES = ("OK", "INVALID_ARGUMENT", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
+STAGES = ("velocity", "score", "policy")
+REDIS_ERROR_KINDS = ("no_time", "timeout", "unavailable", "error", "script")
+# Histogram series exported at 0 before their first record (see ZeroFilledPrometheusReader).
+DECLARED_HISTOGRAMS: Mapping[str, tuple[str, Sequence[str]]] = {
+    "refundgate.check.duration": ("outcome", CHECK_OUTCOMES),
+    "refundgate.record_events.duration": ("outcome", EVENTS_OUTCOMES),
+    "refundgate.stage.duration": ("stage", STAGES),
+}
 # Server-side codes that mean the server failed (OpenTelemetry RPC conventions); the others
 # (INVALID_ARGUMENT, ALREADY_EXISTS, ...) are the caller's business and leave the span unset.
 _SERVER_ERRORS = frozenset(
@@ -129,9 +158,7 @@ class Telemetry:
             self.tracer = trace.NoOpTracer()
         readers = list(metric_readers)
         if prometheus:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-            readers.append(PrometheusMetricReader())
+            readers.append(_zero_filled_prometheus_reader())
         if _otlp_configured("METRICS"):
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
@@ -220,23 +247,22 @@ def _trace_headers(metadata: Any) -> dict[str, str] | None:
     return carrier or None
 
 
+_DESCRIPTIONS = {
+    "refundgate.check.duration": "Check latency inside the gate, by decision (or error code)",
+    "refundgate.record_events.duration": "RecordEvents latency inside the gate, by outcome (OK or code)",
+    "refundgate.stage.duration": "Latency of one Check step: velocity, score, policy",
+}
+
+
+def _histogram(meter: Meter, name: str) -> Histogram:
+    return meter.create_histogram(name, unit="s", description=_DESCRIPTIONS[name])
+
+
 def _instruments(meter: Meter) -> Instruments:
     return Instruments(
-        check_duration=meter.create_histogram(
-            "refundgate.check.duration",
-            unit="s",
-            description="Check latency inside the gate, by decision (or error code)",
-        ),
-        events_duration=meter.create_histogram(
-            "refundgate.record_events.duration",
-            unit="s",
-            description="RecordEvents latency inside the gate, by outcome (OK or error code)",
-        ),
-        stage_duration=meter.create_histogram(
-            "refundgate.stage.duration",
-            unit="s",
-            description="Latency of one Check step: velocity, score, policy",
-        ),
+        check_duration=_histogram(meter, "refundgate.check.duration"),
+        events_duration=_histogram(meter, "refundgate.record_events.duration"),
+        stage_duration=_histogram(meter, "refundgate.stage.duration"),
         decisions=meter.create_counter(
             "refundgate.decisions", description="Decisions by outcome, model version, degraded"
         ),
@@ -270,16 +296,99 @@ def _instruments(meter: Meter) -> Instruments:
 
 
 def _announce_series(m: Instruments) -> None:
-    """Export every counter series the alerts watch at 0 from the start: a series that first
-    appears already at 1 is invisible to increase(), so its first event would never alert."""
+    """Export every counter series a dashboard or alert reads at 0 from the start: a series
+    that first appears already at n hides those n events from increase() and rate()."""
     for result in ("loaded", "refused"):
         m.model_loads.add(0, {"result": result})
     for method in ("Check", "RecordEvents"):
         m.invalid.add(0, {"method": method})
-    for kind in ("no_time", "timeout", "unavailable", "error", "script"):
+    for kind in REDIS_ERROR_KINDS:
         m.redis_errors.add(0, {"kind": kind})
     for counter in (m.shed, m.breaker_opens, m.decision_log_dropped, m.replays):
         counter.add(0)
+
+
+def announce_model(m: Instruments, version: str) -> None:
+    """Export the decision series of a newly loaded live model at 0 (every decision, degraded
+    or not), before it decides anything, so its first decisions count in increase()."""
+    for decision in DECISIONS:
+        for degraded in (False, True):
+            m.decisions.add(0, {"decision": decision, "model_version": version, "degraded": degraded})
+
+
+def announce_shadow(m: Instruments, version: str) -> None:
+    """Export the verdict series of a newly loaded shadow model at 0 (agreeing or not)."""
+    for agree in (True, False):
+        m.shadow.add(0, {"shadow_version": version, "agree": agree})
+
+
+def _zero_filled_prometheus_reader() -> MetricReader:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    class ZeroFilledPrometheusReader(PrometheusMetricReader):
+        """The Prometheus reader, with every histogram series of DECLARED_HISTOGRAMS present
+        from the first scrape: count, sum and buckets 0 until its first record (the SDK has no
+        way to create a histogram point without recording a value)."""
+
+        def _receive_metrics(
+            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+        ) -> None:
+            if metrics_data is not None:
+                metrics_data = zero_filled(metrics_data)
+            super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+    return ZeroFilledPrometheusReader()
+
+
+def zero_filled(data: MetricsData) -> MetricsData:
+    """``data`` with a zero point for every declared histogram series it lacks."""
+    now = time.time_ns()
+    resources = []
+    for rm in data.resource_metrics:
+        scopes = []
+        for sm in rm.scope_metrics:
+            if sm.scope.name != "gate":
+                scopes.append(sm)
+                continue
+            present = {metric.name: metric for metric in sm.metrics}
+            metrics = [metric for metric in sm.metrics if metric.name not in DECLARED_HISTOGRAMS]
+            for name, (label, values) in DECLARED_HISTOGRAMS.items():
+                metrics.append(_with_zero_points(present.get(name), name, label, values, now))
+            scopes.append(dataclasses.replace(sm, metrics=metrics))
+        resources.append(dataclasses.replace(rm, scope_metrics=scopes))
+    return dataclasses.replace(data, resource_metrics=resources)
+
+
+def _with_zero_points(
+    metric: Metric | None, name: str, label: str, values: Sequence[str], now: int
+) -> Metric:
+    data = metric.data if metric is not None else None
+    points = list(data.data_points) if isinstance(data, HistogramData) else []
+    seen = {p.attributes.get(label) for p in points if p.attributes is not None}
+    start = min((p.start_time_unix_nano for p in points), default=now)
+    points += [
+        HistogramDataPoint(
+            attributes={label: value},
+            start_time_unix_nano=start,
+            time_unix_nano=now,
+            count=0,
+            sum=0.0,
+            bucket_counts=[0] * (len(LATENCY_BUCKETS) + 1),
+            explicit_bounds=LATENCY_BUCKETS,
+            min=0.0,
+            max=0.0,
+        )
+        for value in values
+        if value not in seen
+    ]
+    if metric is not None and isinstance(data, HistogramData):
+        return dataclasses.replace(metric, data=dataclasses.replace(data, data_points=points))
+    return Metric(
+        name=name,
+        description=_DESCRIPTIONS[name],
+        unit="s",
+        data=HistogramData(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE),
+    )
 
 
 def observe_breaker(meter: Meter, is_open: Any) -> None:

@@ -57,7 +57,7 @@ def write_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     booster.save_model(str(tmp / MODEL_TXT))
-    scores = booster.predict(golden_X)
+    scores = np.asarray(booster.predict(golden_X))
     (tmp / GOLDEN).write_text(
         json.dumps({"rows": [encode_row(r) for r in golden_X.tolist()], "scores": scores.tolist()})
     )

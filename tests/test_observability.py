@@ -104,6 +104,7 @@ def drive_every_metric(redis_proc: RedisProcess, bundle_dir: Path, tmp_path: Pat
     models = tmp_path / "models"
     models.mkdir()
     (models / "current").symlink_to(bundle_dir)
+    (models / "shadow").symlink_to(bundle_dir)  # a shadow model: its agreement is on the dashboard
     admin = f"127.0.0.1:{free_port()}"
     proxy = FaultProxy(redis_proc.port).start()
     gate = start_gate_process(
@@ -165,11 +166,12 @@ def drive_every_metric(redis_proc: RedisProcess, bundle_dir: Path, tmp_path: Pat
             cut_off = scrape(admin)
             proxy.set_mode("pass")
 
-        # A broken shadow bundle appears: the watcher refuses it (and keeps serving).
+        # A broken shadow bundle replaces it: the watcher refuses it (and keeps serving).
         shadow = tmp_path / "broken-shadow"
         shadow.mkdir()
         (shadow / "manifest.json").write_text("{not json")
-        (models / "shadow").symlink_to(shadow)
+        (models / "shadow.new").symlink_to(shadow)
+        (models / "shadow.new").replace(models / "shadow")
         deadline = time.monotonic() + 20
         while "refused" not in values_of(final := scrape(admin), "refundgate_model_loads_total", "result"):
             assert time.monotonic() < deadline, "the refused bundle was never counted"
@@ -262,6 +264,9 @@ def test_dashboard_is_valid_and_every_panel_says_what_it_shows() -> None:
         "replays",
         "model loads",
         "decision log",
+        "shadow agreement",
+        "recordevents latency",
+        "breaker openings",
     ):
         assert topic in titles, f"no panel about {topic}"
 
