@@ -67,6 +67,8 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "deadline_margin_ms": "kept back from the caller's deadline for the response",
             "score_reserve_ms": "kept back from the budget for scoring and policy after Redis",
             "degraded_approve_below_minor": "without velocity features, APPROVE only below this amount",
+            "reject_needs_behaviour": "the model REJECTs only with a behavioural (velocity) reason",
+            "returned_at_most_hold": "a refund whose item came back is at most held (guard rules aside)",
             "allow_client_time": "trust client timestamps far from the server clock (replays)",
             "clock_skew_s": "largest client clock distance accepted when not trusted",
         },

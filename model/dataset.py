@@ -110,7 +110,7 @@ async def build_dataset(
         if velocity is None or not velocity.complete or account is None:
             raise RuntimeError("velocity store failed while building the training set")
         rows[slot] = row
-        asked[slot] = account["order_amount"]
+        asked[slot] = int(account["order_amount"])
 
     n = 0
     bar = Progress("replaying records through the gate", total, unit="records")

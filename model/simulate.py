@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Generic, TextIO, TypeVar
+from typing import Any, Generic, TextIO, TypeVar, cast
 
 from model.records import Record, write_records
 from refundgate.v1 import refund_gate_pb2 as pb
@@ -797,7 +797,7 @@ class _World:
 
     # Messages.
 
-    def _event(self, order: _Order, event_type: int) -> pb.Event:
+    def _event(self, order: _Order, event_type: pb.EventType) -> pb.Event:
         event = pb.Event(
             event_id=f"ev:{next(self._events):010d}",
             type=event_type,
@@ -813,8 +813,8 @@ class _World:
         event = self._event(order, pb.EVENT_TYPE_ORDER_PLACED)
         event.amount_minor = order.amount
         event.currency = order.currency
-        event.item_category = order.category
-        event.payment_method = order.payment
+        event.item_category = cast(pb.ItemCategory, order.category)
+        event.payment_method = cast(pb.PaymentMethod, order.payment)
         event.device_id, event.ip, event.geo_city = order.context
         if acct.age_known:
             event.account_created_at.seconds = acct.created_at
@@ -837,11 +837,11 @@ class _World:
             amount_minor=refund.amount,
             order_amount_minor=order.amount,
             currency=order.currency,
-            reason=refund.reason,
-            item_category=order.category,
-            delivery_status=self.delivery_status(order),
+            reason=cast(pb.RefundReason, refund.reason),
+            item_category=cast(pb.ItemCategory, order.category),
+            delivery_status=cast(pb.DeliveryStatus, self.delivery_status(order)),
             item_returned=refund.returned,
-            payment_method=order.payment,
+            payment_method=cast(pb.PaymentMethod, order.payment),
             device_id=device,
             ip=ip,
             geo_city=city,
@@ -881,7 +881,7 @@ class _World:
         """The REFUND_OUTCOME record of a refund, now."""
         event = self._event(order, pb.EVENT_TYPE_REFUND_OUTCOME)
         event.refund_id = refund_id
-        event.outcome = outcome
+        event.outcome = cast(pb.RefundOutcome, outcome)
         event.amount_minor = refund.amount
         event.currency = order.currency
         return SimRecord(float(self.now), event, None, -1, refund.scenario)
@@ -1346,7 +1346,7 @@ def _start_account_farm(w: _World) -> None:
     placing 1-3 orders and asking for small refunds."""
     cfg, r = w.cfg, w.rng
     for i in range(cfg.account_farms):
-        t = w.staggered(i, cfg.account_farms, margin=10 * DAY)
+        t: float = w.staggered(i, cfg.account_farms, margin=10 * DAY)
         devices = [w.device() for _ in range(r.randint(1, 2))]
         ips = [w.ipv4(_RESIDENTIAL if r.random() < 0.5 else _HOSTING) for _ in range(r.randint(1, 3))]
         city = w.cities.pick(r)

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 
 from gate.validation import validate_check, validate_events
+from model.records import parse_line, read_records, record_line
 from model.simulate import (
     ABUSE_SCENARIOS,
     LEGIT_SCENARIOS,
     SimConfig,
     SimRecord,
     main,
-    record_from_json,
-    record_to_json,
     simulate,
 )
 from refundgate.v1 import refund_gate_pb2 as pb
@@ -87,10 +86,11 @@ def test_same_seed_gives_byte_identical_output(tmp_path: Path, capsys: pytest.Ca
     main(["--events", "12000", "--seed", "5", "--out", str(second)])
     data = first.read_bytes()
     assert data == second.read_bytes()
-    lines = data.decode().splitlines()
+    lines = data.splitlines()
     assert 10_000 < len(lines) < 14_000  # --events is approximate
     for line in lines[:2000]:
-        assert record_to_json(record_from_json(line)) == line
+        assert record_line(parse_line(line)) == line
+    assert not read_records([first]).bad  # the history format, every line good
     err = capsys.readouterr().err
     assert "100%" in err and "cashout_ring" in err  # progress bar, then the scenario mix
 
@@ -98,7 +98,7 @@ def test_same_seed_gives_byte_identical_output(tmp_path: Path, capsys: pytest.Ca
 def test_different_seed_gives_different_records() -> None:
     def head(seed: int) -> list[str]:
         cfg = SimConfig(seed=seed).resized(0.05)
-        return [record_to_json(r) for r in itertools.islice(simulate(cfg), 3000)]
+        return [record_line(r.record()) for r in itertools.islice(simulate(cfg), 3000)]
 
     assert head(1) == head(1)
     assert head(1) != head(2)
@@ -108,7 +108,11 @@ def test_records_come_in_time_order_and_at_matches_the_message(run: Run) -> None
     times = [rec.at for rec in run.records]
     assert times == sorted(times)
     start = SMALL.start.timestamp()
-    assert start <= times[0] and times[-1] < start + SMALL.weeks * 7 * DAY
+    origin = start - SMALL.warmup_weeks * 7 * DAY
+    assert origin <= times[0] and times[-1] < SMALL.export_at
+    window_end = start + SMALL.weeks * 7 * DAY
+    after = [rec for rec in run.records if rec.at >= window_end]
+    assert after and all(r.event is not None and r.event.type == pb.EVENT_TYPE_REFUND_OUTCOME for r in after)
     for rec in run.records:
         stamp = rec.check.requested_at if rec.check is not None else rec.event.occurred_at
         assert stamp.seconds == rec.at and stamp.nanos == 0
@@ -498,3 +502,90 @@ def test_serial_changed_mind_never_returns(run: Run) -> None:
     for c in checks:
         assert c.reason == pb.REFUND_REASON_CHANGED_MIND and not c.item_returned
     assert statistics.mean(len(v) for v in by_account(checks).values()) >= 3
+
+
+# --- Honest behaviour that looks like abuse -------------------------------------------------
+
+
+def test_bracketers_send_most_pieces_back_from_one_shop(run: Run) -> None:
+    checks = run.of("legit_bracketing")
+    assert len(checks) > 100
+    assert sum(c.item_returned for c in checks) / len(checks) > 0.8
+    pairs = Counter((c.account_id, c.merchant_id) for c in checks)
+    assert max(pairs.values()) >= 2  # several pieces of one item at one shop
+    fit = {pb.REFUND_REASON_CHANGED_MIND, pb.REFUND_REASON_NOT_AS_DESCRIBED, pb.REFUND_REASON_DAMAGED}
+    assert sum(c.reason in fit for c in checks) / len(checks) > 0.85  # "doesn't fit", mostly
+
+
+def test_porch_theft_is_one_delivered_not_received_claim_of_an_old_account(run: Run) -> None:
+    claims = [
+        c
+        for c in run.of("legit_porch_theft")
+        if c.reason == pb.REFUND_REASON_ITEM_NOT_RECEIVED
+        and c.delivery_status == pb.DELIVERY_STATUS_DELIVERED
+    ]
+    assert len(claims) > 20
+    ages = [(c.requested_at.seconds - c.account_created_at.seconds) / DAY for c in claims]
+    assert min(ages) > 365
+    per_account = Counter(c.account_id for c in claims)
+    assert sum(1 for n in per_account.values() if n == 1) / len(per_account) > 0.9
+
+
+def test_honest_accounts_have_history_before_the_window(run: Run) -> None:
+    start = SMALL.start.timestamp()
+    before = [e for e in run.placed.values() if e.occurred_at.seconds < start]
+    assert before, "no warm-up history"
+    abusive = {s for s in ABUSE_SCENARIOS}
+    assert not [
+        o
+        for o, e in run.placed.items()
+        if e.occurred_at.seconds < start and run.placed_scenario[o] in abusive
+    ]
+
+
+def test_defective_batch_spikes_one_shops_returned_refunds(run: Run) -> None:
+    checks = run.of("legit_defective_batch")
+    assert len(checks) >= 8  # one batch at this size
+    shops = Counter(c.merchant_id for c in checks)
+    assert shops.most_common(1)[0][1] >= 8
+    assert sum(c.item_returned for c in checks) / len(checks) > 0.6
+
+
+def test_campus_ip_carries_many_accounts_some_new(run: Run) -> None:
+    accounts_by_ip: dict[str, set[str]] = defaultdict(set)
+    for c in run.of("legit_campus_ip"):
+        accounts_by_ip[c.ip].add(c.account_id)
+    assert max(len(a) for a in accounts_by_ip.values()) >= 10
+
+
+def test_digital_mistakes_are_quick_refunds_of_old_accounts(run: Run) -> None:
+    quick = [c for c in run.of("legit_digital_mistake") if c.item_category == pb.ITEM_CATEGORY_DIGITAL_GOODS]
+    assert len(quick) > 20
+    assert statistics.median(minutes_after_order(c) for c in quick) < 60
+    assert min((c.requested_at.seconds - c.account_created_at.seconds) / DAY for c in quick) > 1
+
+
+def test_bnpl_returners_pay_later_and_send_back(run: Run) -> None:
+    checks = run.of("legit_bnpl_returner")
+    assert len(checks) > 50
+    bnpl = [c for c in checks if c.payment_method == pb.PAYMENT_METHOD_BNPL]
+    assert len(bnpl) / len(checks) > 0.6
+    assert sum(c.item_returned for c in bnpl) / len(bnpl) > 0.6
+
+
+def test_excluded_scenarios_do_not_run() -> None:
+    cfg = SimConfig(seed=3, exclude=("legit_bracketing", "legit_bnpl_returner")).resized(0.05)
+    seen = {r.scenario for r in simulate(cfg) if r.check is not None}
+    assert "legit_bracketing" not in seen and "legit_bnpl_returner" not in seen
+    with pytest.raises(ValueError, match="unknown scenarios"):
+        SimConfig(exclude=("no_such",))
+
+
+def test_shifted_world_moves_counts_and_rates_but_keeps_the_window() -> None:
+    base = SimConfig(exclude=("legit_bracketing",))
+    shifted = base.shifted(99)
+    assert shifted.seed == 99 and shifted.exclude == ()
+    assert shifted.weeks == base.weeks and shifted.outcome_tail_days == base.outcome_tail_days
+    assert shifted.n_accounts != base.n_accounts and shifted.refund_rate != base.refund_rate
+    assert all(0 < getattr(shifted, n) < 1 for n in ("refund_rate", "bracket_returned_rate", "mobile_share"))
+    assert shifted == base.shifted(99)
