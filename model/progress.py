@@ -88,7 +88,7 @@ class Progress:
         parts = [f"{self.label}:"]
         if self.total is not None:
             share = min(self.done / self.total, 1.0)
-            parts.append(f"{share:4.0%} {_amount(self.done)}/{_amount(self.total)}{unit}")
+            parts.append(f"{share:.0%} {_amount(self.done)}/{_amount(self.total)}{unit}")
         else:
             parts.append(f"{_amount(self.done)}{unit}")
         parts.append(f"{_amount(rate)}{unit}/s")
