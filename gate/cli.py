@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gate.bundle import BundleError
     from gate.logs import setup_logging
-    from gate.reloader import ModelHolder, ModelWatcher
+    from gate.reloader import ModelWatcher
     from gate.server import serve
     from gate.settings import SettingsError
 
@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("settings", extra={"settings": settings.describe()})
     if settings.uses_dev_key:
         log.warning("ids are hashed with the public dev key; set GATE_ID_HASH_KEY in production")
-    watcher = ModelWatcher(settings.model_dir, ModelHolder(), poll_s=settings.model_poll_s)
+    watcher = ModelWatcher.from_settings(settings)
     try:
         bundle = watcher.load_initial()
     except BundleError as exc:

@@ -67,6 +67,15 @@ class Settings:
             "model bundles, watched and hot-reloaded; or a single bundle directory."
         ),
     )
+    bundle_public_key: str = field(
+        default="",
+        metadata=_meta(
+            "PEM file of the Ed25519 public key(s) model bundles must be signed with "
+            "(`refund-gate model sign`); the gate then refuses, at start and at every reload, a "
+            "bundle unsigned, signed by another key, or whose files do not match. Empty: "
+            "signatures are not required."
+        ),
+    )
     model_poll_s: float = field(
         default=1.0, metadata=_meta("How often the model directory is checked for a new bundle.")
     )
@@ -246,8 +255,19 @@ class Settings:
             problems.append("max_message_bytes must be >= 1024")
         if self.degraded_approve_below_minor < 0:
             problems.append("degraded_approve_below_minor must be >= 0")
+        if self.bundle_public_key:
+            problems += self._key_problems()
         if problems:
             raise SettingsError("invalid settings: " + "; ".join(problems))
+
+    def _key_problems(self) -> list[str]:
+        from gate.signing import KeyFileError, load_public_keys
+
+        try:
+            load_public_keys(Path(self.bundle_public_key))
+        except KeyFileError as exc:
+            return [f"bundle_public_key: {exc}"]
+        return []
 
     def describe(self) -> dict[str, Any]:
         """Effective settings for the start-up log, secrets masked."""
