@@ -26,13 +26,13 @@ import re
 import secrets
 import sys
 import textwrap
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -841,26 +841,42 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the decision log stream to a JSONL file (one DecisionRecord JSON per line)."""
+    """Write the decision log to a JSONL file: one decision per line, features by name, the
+    outcomes RecordEvents recorded for its refund joined (gate/decisionread.py)."""
+    import redis
+
+    from gate.decisionread import joined_records
+
     out: Path = args.out
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    count = with_outcomes = 0
+    client = _redis_client(args.redis_url)
     try:
-        with _decision_source(args) as records, tmp.open("w", encoding="utf-8") as fh:
-            count = _write_lines(fh, islice(records, args.limit))
+        with tmp.open("w", encoding="utf-8") as fh:
+            for body in islice(joined_records(client, args.key_prefix), args.limit):
+                fh.write(json.dumps(body, separators=(",", ":")) + "\n")
+                count += 1
+                with_outcomes += bool(body.get("outcomes"))
         os.replace(tmp, out)
+    except redis.RedisError as exc:
+        raise Refused(f"cannot read decisions from {args.redis_url}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"exported {count:,} decisions from {args.key_prefix}:decisions to {out}")
+        client.close()
+    print(
+        f"exported {count:,} decisions ({with_outcomes:,} with outcomes) from "
+        f"{args.key_prefix}:decisions and {args.key_prefix}:outcomes to {out}"
+    )
     return OK
 
 
-def _write_lines(fh: TextIO, records: Iterable[bytes | str]) -> int:
-    count = 0
-    for raw in records:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        fh.write(text.rstrip("\n") + "\n")
-        count += 1
-    return count
+def _redis_client(url: str) -> Any:
+    import redis
+
+    try:
+        return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    except ValueError as exc:
+        raise UsageError(f"--redis-url: {exc}") from None
 
 
 @contextmanager
@@ -876,10 +892,7 @@ def _decision_source(args: argparse.Namespace) -> Iterator[Iterator[str] | Itera
         return
     import redis
 
-    try:
-        client = redis.Redis.from_url(args.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    except ValueError as exc:
-        raise UsageError(f"--redis-url: {exc}") from None
+    client = _redis_client(args.redis_url)
     try:
         yield read_stream(client, f"{args.key_prefix}:decisions")
     except redis.RedisError as exc:
@@ -1030,7 +1043,9 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=_run(cmd_backtest))
 
-    p = msub.add_parser("export-decisions", help="write the decision log stream to JSONL")
+    p = msub.add_parser(
+        "export-decisions", help="write the decision log to JSONL: features by name, outcomes joined"
+    )
     p.add_argument("--redis-url", required=True)
     p.add_argument("--key-prefix", default=defaults.key_prefix, help="stream <prefix>:decisions")
     p.add_argument("--out", type=Path, required=True, help="JSONL file to write")

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from gate.admission import Admission, find_new_server, server_ids_or_none
 from gate.breaker import CircuitBreaker, State
 from gate.bundle import Bundle
-from gate.decisionlog import DecisionLog
+from gate.decisionlog import DecisionLog, OutcomeLog, outcomes_key
 from gate.logs import setup_logging
 from gate.redisclient import RedisAddress, RedisConnection, RedisError
 from gate.reloader import ModelHolder, ModelWatcher
@@ -265,6 +265,11 @@ def create_gate(
         hasher=IdHasher(settings.id_hash_key),
         replay_ttl_s=settings.replay_ttl_s,
         breaker=breaker,
+        outcomes=(
+            OutcomeLog(outcomes_key(settings.key_prefix), maxlen=settings.decision_log_maxlen)
+            if settings.decision_log
+            else None
+        ),
     )
     decision_log = None
     if settings.decision_log:

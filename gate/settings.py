@@ -177,7 +177,8 @@ class Settings:
     decision_log: bool = field(
         default=True,
         metadata=_meta(
-            "Append every decision to the Redis Stream '<key_prefix>:decisions' (off the hot path)."
+            "Append every decision to the Redis Stream '<key_prefix>:decisions' (off the hot path), "
+            "and every refund outcome RecordEvents counts to '<key_prefix>:outcomes' (to join them)."
         ),
     )
     decision_log_maxlen: int = field(

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
@@ -48,6 +48,9 @@ from gate.breaker import CircuitBreaker
 from gate.features import F_BNPL, F_CM_UNRETURNED, F_DIGITAL_QUICK, F_INR, F_INR_DELIVERED, Source
 from gate.redisclient import Command, RedisConnection, RedisError, RedisReplyError, RedisUnavailable
 from refundgate.v1 import refund_gate_pb2 as pb
+
+if TYPE_CHECKING:
+    from gate.decisionlog import OutcomeLog
 
 ACCOUNT_FIELDS = (
     "refunds_1h",
@@ -504,12 +507,14 @@ class VelocityStore:
         hasher: IdHasher,
         replay_ttl_s: int,
         breaker: CircuitBreaker | None = None,
+        outcomes: OutcomeLog | None = None,
     ) -> None:
         self.conn = conn
         self.keys = Keys(prefix)
         self.hash = hasher
         self.replay_ttl_ms = replay_ttl_s * 1000
         self.breaker = breaker
+        self.outcomes = outcomes  # REFUND_OUTCOME events are appended there too (decisions join them)
 
     def refund_facts(self, req: pb.CheckRequest, at_s: float, flags: int) -> RefundFacts:
         """Hash the ids of a validated request; the only step that sees them raw."""
@@ -762,6 +767,8 @@ class VelocityStore:
             record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), k.abuse(account), ABUSE_TTL_MS, ABUSE_CAP)
         else:
             record = b""  # other outcomes only take their event id
+        if ev.type == pb.EVENT_TYPE_REFUND_OUTCOME and self.outcomes is not None:
+            others.append(self.outcomes.command(h("r", ev.refund_id), eid, now, ev.outcome))
         return [
             (
                 "EVALSHA",
