@@ -30,7 +30,7 @@ from gate.backtest import (
 )
 from gate.bundle import Bundle, load_bundle
 from gate.cli import main
-from gate.decisionlog import DecisionRecord
+from gate.decisionlog import FEATURE_SPEC, DecisionRecord
 from gate.devredis import RedisProcess, free_port
 from gate.features import FEATURE_INDEX, FEATURE_NAMES, FEATURES
 from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, decide
@@ -712,13 +712,18 @@ def test_export_then_backtest_matches_the_stream(
 ) -> None:
     lines = [r.to_json() for r, _ in logged]
     fill_stream(rdb, "rg:decisions", lines)
+    rdb.hset("rg:decisions:feature_specs", FEATURE_SPEC, json.dumps(list(FEATURE_NAMES)))
     out_file = tmp_path / "export.jsonl"
     code, out, err = cli(
         capsys, "model", "export-decisions", "--redis-url", redis_proc.url, "--out", str(out_file)
     )
     assert code == 0, err
-    assert f"exported {len(lines)} decisions" in out
-    assert out_file.read_text().splitlines() == lines
+    assert f"exported {len(lines)} decisions (0 with outcomes)" in out
+    expected = [
+        {**body, "features": dict(zip(FEATURE_NAMES, body["features"], strict=True)), "outcomes": []}
+        for body in map(json.loads, lines)
+    ]
+    assert [json.loads(line) for line in out_file.read_text().splitlines()] == expected
     assert os.listdir(tmp_path) == ["export.jsonl"]  # the temporary file was renamed
     from_file = cli(capsys, "model", "backtest", str(bundle_dir), "--jsonl", str(out_file), "--json")[1]
     from_redis = cli(capsys, "model", "backtest", str(bundle_dir), "--redis-url", redis_proc.url, "--json")[1]
@@ -734,7 +739,7 @@ def test_export_then_backtest_matches_the_stream(
         "--limit",
         "5",
     )
-    assert code == 0 and out_file.read_text().splitlines() == lines[:5]
+    assert code == 0 and [json.loads(line) for line in out_file.read_text().splitlines()] == expected[:5]
 
 
 def test_backtest_without_redis_is_refused_cleanly(
