@@ -27,7 +27,7 @@ from typing import Any, cast
 import redis
 
 from gate.bundle import Bundle
-from gate.features import FEATURE_INDEX
+from gate.features import FEATURE_INDEX, FEATURE_NAMES
 from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, decide
 
 DECISIONS = (APPROVE, HOLD, REJECT)
@@ -143,6 +143,11 @@ def parse_record(raw: str | bytes) -> LoggedDecision:
 
 
 def _decode_features(values: Any) -> list[float]:
+    if isinstance(values, dict):  # by name, as export-decisions writes them
+        missing = [n for n in FEATURE_NAMES if n not in values]
+        if missing:
+            raise SkippedRecord(f"features lack {missing[0]} (and {len(missing) - 1} more)")
+        values = [values[n] for n in FEATURE_NAMES]
     if not isinstance(values, list):
         raise SkippedRecord("features are not a list")
     try:
@@ -208,16 +213,19 @@ def read_jsonl(path: Path) -> Iterator[str]:
                 yield line
 
 
-def read_stream(client: redis.Redis, key: str, *, chunk: int = STREAM_CHUNK) -> Iterator[bytes]:
-    """Every record of the decision log stream ``key``, oldest first, read by XRANGE in chunks.
+def read_stream(
+    client: redis.Redis, key: str, *, chunk: int = STREAM_CHUNK, field: bytes = b"d"
+) -> Iterator[bytes]:
+    """Every record of the stream ``key`` (the decision log's by default), oldest first, read by
+    XRANGE in chunks.
 
-    An entry without the ``d`` field yields b"" (and is then skipped as unreadable).
+    An entry without the ``field`` yields b"" (and is then skipped as unreadable).
     """
     start = "-"
     while True:
         entries = cast(_Entries, client.xrange(key, min=start, max="+", count=chunk))
         for _, fields in entries:
-            yield fields.get(b"d", b"")
+            yield fields.get(field, b"")
         if len(entries) < chunk:
             return
         start = "(" + entries[-1][0].decode()

@@ -6,9 +6,13 @@ model compiled to a shared object. Loading verifies everything before anything i
     model.txt       LightGBM text model: the portable reference
     model.so        optional: the same trees compiled when the bundle was built (fast path)
     golden.json     rows (NaN as null, infinities as "inf"/"-inf") and their expected scores
+    signature.json  optional: Ed25519 signature of manifest.json (gate/signing.py), required
+                    when the gate is given trusted public keys (GATE_BUNDLE_PUBLIC_KEY)
 
-A bundle is refused, with a message saying exactly why, when a checksum differs, its feature list
-is not the gate's, its thresholds are not sane, or any engine fails to reproduce the golden scores.
+A bundle is refused, with a message saying exactly why, when its signature is missing or wrong
+while signatures are required (checked before any file the manifest lists is read), a checksum
+differs, its feature list is not the gate's, its thresholds are not sane, or any engine fails to
+reproduce the golden scores.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gate.features import FEATURE_NAMES
 from gate.policy import REASON_GROUPS, Thresholds
 from gate.scoring import Model, ModelFormatError, load_model
+from gate.signing import SignatureError, read_signature, verify_manifest
 from gate.treemodel import yield_gil
 
 MANIFEST = "manifest.json"
@@ -53,6 +59,8 @@ class Bundle:
     explain: Callable[[np.ndarray], np.ndarray]
     """Per reason code (gate.policy.REASON_CODES), how much the features of that code pushed
     the score up, from the leaves a row reached (``model.last_leaves()``)."""
+    signer: str | None = None
+    """The verified signer (gate/signing.py), when signatures were required; else None."""
 
 
 def sha256_file(path: Path) -> str:
@@ -74,14 +82,21 @@ def decode_row(row: Sequence[float | str | None]) -> list[float]:
     return [math.nan if v is None else float(v) for v in row]
 
 
-def load_bundle(path: Path, *, feature_names: Sequence[str] = FEATURE_NAMES) -> Bundle:
+def load_bundle(
+    path: Path,
+    *,
+    feature_names: Sequence[str] = FEATURE_NAMES,
+    trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+) -> Bundle:
     """Load and verify the bundle at ``path`` (a directory or a symlink to one).
 
+    With ``trusted_keys`` (GATE_BUNDLE_PUBLIC_KEY) the manifest must be signed by one of them.
     Raises BundleError naming the first failed check.
     """
     path = path.resolve()
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        raw_manifest = (path / MANIFEST).read_bytes()
+        manifest = json.loads(raw_manifest)
     except FileNotFoundError:
         raise BundleError(f"{path}: no {MANIFEST}") from None
     except (OSError, ValueError) as exc:
@@ -92,6 +107,12 @@ def load_bundle(path: Path, *, feature_names: Sequence[str] = FEATURE_NAMES) -> 
         if key not in manifest:
             raise BundleError(f"{path}: {MANIFEST} lacks '{key}'")
     version = str(manifest["version"])
+    signer = None
+    if trusted_keys is not None:
+        try:
+            signer = verify_manifest(raw_manifest, read_signature(path), trusted_keys)
+        except SignatureError as exc:
+            raise BundleError(f"{version}: {exc}") from None
 
     files: dict[str, str] = manifest["files"]
     for name in (MODEL_TXT, GOLDEN):
@@ -132,7 +153,14 @@ def load_bundle(path: Path, *, feature_names: Sequence[str] = FEATURE_NAMES) -> 
         engines.append(model.portable())
     _verify_golden(version, path / GOLDEN, engines)
     return Bundle(
-        path, version, model, thresholds, manifest, time.time(), model.grouped_contributions(REASON_GROUPS)
+        path,
+        version,
+        model,
+        thresholds,
+        manifest,
+        time.time(),
+        model.grouped_contributions(REASON_GROUPS),
+        signer,
     )
 
 

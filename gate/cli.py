@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gate.bundle import BundleError
     from gate.logs import setup_logging
-    from gate.reloader import ModelHolder, ModelWatcher
+    from gate.reloader import ModelWatcher
     from gate.server import check_port_free, serve
 
     settings = _settings_from(args)
@@ -175,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("settings", extra={"settings": settings.describe()})
     if settings.uses_dev_key:
         log.warning("ids are hashed with the public dev key; set GATE_ID_HASH_KEY in production")
-    watcher = ModelWatcher(settings.model_dir, ModelHolder(), poll_s=settings.model_poll_s)
+    watcher = ModelWatcher.from_settings(settings)
     try:
         bundle = watcher.load_initial()
     except BundleError as exc:

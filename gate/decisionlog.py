@@ -6,12 +6,20 @@ decision is dropped and counted, so the hot path never slows for the audit trail
 visible. The stream is capped (approximate MAXLEN), and holds only hashed ids.
 
 This is the record that replays, audits, backtests and labels join on (by decision_id).
+
+Feature rows are logged by name: each record carries ``feature_spec``, a short id of the ordered
+feature names, and every batch also writes the names under that id to the hash
+``<stream>:feature_specs``, so a row stays readable by name after the feature list changes.
+Beside it, `OutcomeLog` appends every REFUND_OUTCOME that RecordEvents counts to the stream
+``<prefix>:outcomes`` (hashed refund id, time, outcome), in the same pipeline as its counters,
+so decisions join their outcomes by the hashed refund id (gate/decisionread.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,11 +28,36 @@ from typing import Any
 
 import orjson
 
+from gate.features import FEATURE_NAMES
 from gate.redisclient import RedisConnection, RedisError
 
 log = logging.getLogger(__name__)
 BATCH = 256
 WRITE_TIMEOUT_S = 1.0
+
+
+def feature_spec_id(names: Sequence[str]) -> str:
+    """A short id of an ordered list of feature names (the same list, the same id)."""
+    return hashlib.blake2b("\n".join(names).encode(), digest_size=6).hexdigest()
+
+
+FEATURE_SPEC = feature_spec_id(FEATURE_NAMES)
+"""The id of this gate's feature names, logged with every decision."""
+
+
+def decisions_key(prefix: str) -> str:
+    """The decision log stream."""
+    return f"{prefix}:decisions"
+
+
+def specs_key(prefix: str) -> str:
+    """The hash of feature spec id -> JSON list of names, beside the decision stream."""
+    return f"{decisions_key(prefix)}:feature_specs"
+
+
+def outcomes_key(prefix: str) -> str:
+    """The stream of refund outcomes recorded through RecordEvents."""
+    return f"{prefix}:outcomes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +80,7 @@ class DecisionRecord:
     degraded: bool
     latency_ms: float
     shadow: tuple[str, float, str] | None = None  # version, score, would-be decision
+    feature_spec: str = FEATURE_SPEC  # the names of ``features``, in order: <stream>:feature_specs
 
     def to_json(self) -> str:
         """Compact JSON; NaN features as null (orjson's own rule for NaN: this runs for every
@@ -61,6 +95,7 @@ class DecisionRecord:
             "device": self.device or None,
             "ip": self.ip or None,
             "features": list(self.features),
+            "feature_spec": self.feature_spec,
             "score": self.score,
             "model_version": self.model_version,
             "decision": self.decision,
@@ -75,6 +110,21 @@ class DecisionRecord:
                 "decision": self.shadow[2],
             }
         return orjson.dumps(body).decode()
+
+
+class OutcomeLog:
+    """The outcomes stream: one entry per REFUND_OUTCOME event, written by `VelocityStore`
+    in the RecordEvents pipeline. A retried event is appended again; readers keep one entry per
+    event (its hashed event id)."""
+
+    def __init__(self, key: str, *, maxlen: int) -> None:
+        self.key = key
+        self.maxlen = maxlen
+
+    def command(self, refund: str, event: str, at_ms: int, outcome: int) -> tuple[Any, ...]:
+        """The XADD of one outcome (hashed refund and event ids, time in ms, RefundOutcome)."""
+        body = orjson.dumps({"refund": refund, "event": event, "at": at_ms / 1000.0, "outcome": outcome})
+        return ("XADD", self.key, "MAXLEN", "~", self.maxlen, "*", "o", body)
 
 
 class DecisionLog:
@@ -92,6 +142,8 @@ class DecisionLog:
         self.conn = conn
         self.key = key
         self.maxlen = maxlen
+        # Rewritten with every batch (one small HSET): it survives a Redis restart or flush.
+        self._spec = ("HSET", f"{key}:feature_specs", FEATURE_SPEC, orjson.dumps(list(FEATURE_NAMES)))
         self._queue: asyncio.Queue[DecisionRecord] = asyncio.Queue(maxsize=queue_size)
         self._on_drop = on_drop
         self._task: asyncio.Task[None] | None = None
@@ -121,11 +173,11 @@ class DecisionLog:
     async def _write(self, batch: list[DecisionRecord]) -> None:
         commands = [("XADD", self.key, "MAXLEN", "~", self.maxlen, "*", "d", r.to_json()) for r in batch]
         try:
-            replies = await self.conn.call(commands, WRITE_TIMEOUT_S, urgent=False)
+            replies = await self.conn.call([*commands, self._spec], WRITE_TIMEOUT_S, urgent=False)
         except RedisError:
             self._drop(len(batch))
             return
-        failed = sum(1 for r in replies if not isinstance(r, bytes))
+        failed = sum(1 for r in replies[: len(commands)] if not isinstance(r, bytes))
         if failed:
             self._drop(failed)
 

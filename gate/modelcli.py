@@ -1,11 +1,16 @@
 """``refund-gate model ...``: the model owners' commands.
 
     validate DIR          every check the gate runs at load, with a verdict (exit 0 valid, 1 refused)
-    inspect DIR           manifest, model card, metrics, files and checksums (also of a bad bundle)
-    promote DIR           validate, then atomically point MODEL_DIR/current (or shadow) at DIR
+    inspect DIR           manifest, model card, signature, metrics, files and checksums (also of a bad bundle)
+    promote DIR           validate (copy DIR into MODEL_DIR if it is outside), then atomically point
+                          MODEL_DIR/current (or shadow) at it, relatively
     unshadow              remove MODEL_DIR/shadow
+    status                the running gate's models (admin GetModelStatus)
+    sign DIR --key KEY    sign DIR's manifest with an Ed25519 key (gate/signing.py)
+    keygen --out KEY      make an Ed25519 key pair for signing bundles
+    train ...             train a bundle (model.train, with the same arguments)
     backtest DIR          replay logged decisions through DIR and show how decisions would change
-    export-decisions      write the decision log stream to a JSONL file
+    export-decisions      write the decision log stream, outcomes joined, to a JSONL file
 
 Importing this module is cheap (standard library only), because `gate.cli` registers these
 commands on every run; LightGBM, NumPy and redis-py are imported inside the commands.
@@ -21,15 +26,17 @@ import re
 import secrets
 import sys
 import textwrap
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from gate.bundle import Bundle
 
 OK, REFUSED, USAGE = 0, 1, 2
@@ -71,6 +78,8 @@ class Verdict:
     thresholds: dict[str, float] | None = None
     error: str | None = None
     checks: list[CheckResult] = field(default_factory=list)
+    signature: str | None = None
+    """Who signed it, and whether that was verified (gate/signing.py), or why it is unsigned."""
 
 
 # The checks of load_bundle, in the order it runs them, and how to recognise each one's refusal.
@@ -81,6 +90,12 @@ _CHECKS: tuple[tuple[str, str, str | None], ...] = (
         "manifest.json readable, with every required key",
         r"no manifest\.json$|manifest\.json is not valid JSON|manifest\.json must be a JSON object"
         r"|manifest\.json lacks '",
+    ),
+    (
+        "signature",
+        "signed by a trusted key (required when GATE_BUNDLE_PUBLIC_KEY is set)",
+        r"not signed \(no signature\.json\)|not by a trusted key|does not match manifest\.json"
+        r"|signature\.json is ",
     ),
     (
         "checksums",
@@ -99,21 +114,53 @@ _CHECKS: tuple[tuple[str, str, str | None], ...] = (
 )
 
 
-def validate_bundle(path: Path) -> Verdict:
-    """Run `gate.bundle.load_bundle` on ``path`` and describe the outcome check by check."""
+def validate_bundle(path: Path, trusted_keys: Sequence[Ed25519PublicKey] | None = None) -> Verdict:
+    """Run `gate.bundle.load_bundle` on ``path`` (with the gate's trusted keys, if any) and
+    describe the outcome check by check."""
     from gate.bundle import BundleError, load_bundle
 
     try:
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, trusted_keys=trusted_keys)
     except BundleError as exc:
-        return _refused(path, str(exc))
+        verdict = _refused(path, str(exc))
     except Exception as exc:  # the gate would not serve it either, but would crash, not refuse
-        return _refused(
+        verdict = _refused(
             path,
             f"{type(exc).__name__}: {exc} (load_bundle raised this instead of "
             "BundleError: the gate would fail with a traceback)",
         )
-    return _accepted(path, bundle)
+    else:
+        verdict = _accepted(path, bundle)
+    verdict.signature = signature_text(path, trusted_keys)
+    return verdict
+
+
+def signature_text(path: Path, trusted_keys: Sequence[Ed25519PublicKey] | None) -> str:
+    """The bundle's signature in words: verified signer, claimed signer, or unsigned."""
+    import hashlib
+
+    from gate.signing import SignatureError, read_signature, verify_manifest
+
+    try:
+        info = read_signature(path)
+        manifest = (path / "manifest.json").read_bytes()
+    except (SignatureError, OSError) as exc:
+        return f"unreadable: {exc}"
+    if info is None:
+        suffix = (
+            "" if trusted_keys is not None else " (the gate accepts it only without GATE_BUNDLE_PUBLIC_KEY)"
+        )
+        return "unsigned" + suffix
+    if trusted_keys is not None:
+        try:
+            return f"signed by {verify_manifest(manifest, info, trusted_keys)}, verified"
+        except SignatureError as exc:
+            return f"REFUSED: {exc}"
+    changed = hashlib.sha256(manifest).hexdigest() != info.manifest_sha256
+    return (
+        f"signed by {info.describe()}, not verified (no public key: --public-key or "
+        f"GATE_BUNDLE_PUBLIC_KEY)" + ("; manifest.json CHANGED since it was signed" if changed else "")
+    )
 
 
 def _failed_check(message: str) -> str:
@@ -146,6 +193,7 @@ def _accepted(path: Path, bundle: Bundle) -> Verdict:
     golden_rows = len(json.loads((bundle.path / "golden.json").read_text())["rows"])
     details = {
         "manifest": f"version {bundle.version}, created {bundle.manifest['created_at']}",
+        "signature": f"signed by {bundle.signer}" if bundle.signer else "not required (no trusted key)",
         "checksums": f"{len(files)} files match: {', '.join(files)}",
         "features": f"{model.num_features} features, in the gate's order",
         "thresholds": f"0 < hold {t.hold:.6g} <= reject {t.reject:.6g} <= 1",
@@ -178,6 +226,8 @@ def format_verdict(v: Verdict) -> str:
     ]
     if v.version is not None:
         lines.append(f"version     {v.version}")
+    if v.signature is not None:
+        lines.append(f"signature   {v.signature}")
     if v.valid:
         engine = v.engine if v.fallback_reason is None else f"{v.engine} (fallback: {v.fallback_reason})"
         assert v.thresholds is not None
@@ -203,7 +253,7 @@ def _check_text(c: CheckResult) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Print the verdict on a bundle; exit 0 when the gate would serve it, 1 when it refuses."""
-    verdict = validate_bundle(_bundle_dir(args.dir))
+    verdict = validate_bundle(_bundle_dir(args.dir), _trusted_keys(args))
     print(json.dumps(asdict(verdict), indent=2) if args.json else format_verdict(verdict))
     return OK if verdict.valid else REFUSED
 
@@ -221,7 +271,10 @@ _SHOWN_KEYS = (
     "files",
     "model_card",
     "metrics",
+    "report",
 )
+REPORT_COPY = "report"
+"""Where `promote` puts the report of a bundle it copies into the model directory."""
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -235,6 +288,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise Refused(f"{path}: manifest.json is not a JSON object")
     return manifest
+
+
+def _manifest_bytes(path: Path) -> bytes | None:
+    try:
+        return (path / "manifest.json").read_bytes()
+    except OSError:
+        return None
 
 
 def _manifest_or_none(path: Path) -> dict[str, Any] | None:
@@ -274,7 +334,32 @@ def _header_lines(path: Path, manifest: Mapping[str, Any]) -> list[str]:
         f"trees       {manifest.get('num_trees', '(not recorded)')}",
         f"features    {spec}",
         f"thresholds  {_thresholds_text(thresholds)}",
+        f"signature   {signature_text(path, None)}",
+        f"report      {report_text(path, manifest)}",
     ]
+
+
+def find_report(path: Path, manifest: Mapping[str, Any]) -> Path | None:
+    """The bundle's evaluation report: the manifest's ``report`` (relative to the bundle), else
+    the copy `promote` made inside the bundle; None when neither exists."""
+    recorded = manifest.get("report")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    candidates = [path / recorded, path / REPORT_COPY / Path(recorded).name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def report_text(path: Path, manifest: Mapping[str, Any]) -> str:
+    """Where the report is, or a warning when the manifest's path is broken."""
+    recorded = manifest.get("report")
+    if recorded is None:
+        return "(none recorded)"
+    found = find_report(path, manifest)
+    if found is None:
+        return f"WARNING: broken path: {recorded} does not exist (from {path})"
+    if found == path / str(recorded):
+        return f"{recorded} -> {found.resolve()}"
+    return f"{found.relative_to(path)} (copied by promote; the manifest's {recorded} does not resolve here)"
 
 
 def _thresholds_text(thresholds: Any) -> str:
@@ -412,7 +497,8 @@ def _file_lines(path: Path, files: Any) -> list[str]:
         status = "✓" if actual == expected else f"✗ differs: is {actual[:16]}…"
         lines.append(f"  {name:<{width}}  {file.stat().st_size:>10,} B  {recorded}  {status}")
     lines += [
-        f"  {name:<{width}}  {(path / name).stat().st_size:>10,} B  (not in the manifest)"
+        f"  {name:<{width}}  {(path / name).stat().st_size:>10,} B  "
+        + ("(the signature of manifest.json)" if name == "signature.json" else "(not in the manifest)")
         for name in present
         if name not in files
     ]
@@ -424,6 +510,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = _bundle_dir(args.dir)
     manifest = read_manifest(path)
     print(json.dumps(manifest, indent=2) if args.json else "\n".join(inspect_lines(path, manifest)))
+    if "report" in manifest and find_report(path, manifest) is None:
+        print(
+            f"refund-gate model inspect: warning: report path is broken: {manifest['report']}",
+            file=sys.stderr,
+        )
     return OK
 
 
@@ -432,11 +523,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def link_target(bundle_dir: Path, model_dir: Path) -> str:
-    """What the link in ``model_dir`` should hold: relative when the bundle is inside it."""
-    real_bundle, real_dir = bundle_dir.resolve(), model_dir.resolve()
-    if real_bundle.is_relative_to(real_dir):
-        return str(real_bundle.relative_to(real_dir))
-    return str(real_bundle)
+    """What the link in ``model_dir`` holds: the bundle's path relative to ``model_dir`` (a
+    bundle outside it is copied in first, `copy_into`)."""
+    return os.path.relpath(bundle_dir.resolve(), model_dir.resolve())
+
+
+def is_inside(bundle_dir: Path, model_dir: Path) -> bool:
+    """True when ``bundle_dir`` (resolved) lies inside ``model_dir`` (resolved)."""
+    return bundle_dir.resolve().is_relative_to(model_dir.resolve())
+
+
+def copy_into(bundle_dir: Path, model_dir: Path) -> tuple[Path, bool]:
+    """Copy a bundle from outside ``model_dir`` into ``model_dir/<its name>``, with its report
+    (into ``report/`` inside the copy when the manifest's relative path would not resolve from
+    there); return (the copy, whether it was made now).
+
+    The copy is made under a temporary name and renamed into place, so the gate never sees half
+    a bundle. An existing directory of that name is reused only when it holds the same manifest
+    and files; otherwise the promotion is refused.
+    """
+    import shutil
+
+    dest = model_dir / bundle_dir.resolve().name
+    if dest.exists() or dest.is_symlink():
+        if _manifest_bytes(dest) != _manifest_bytes(bundle_dir):
+            raise Refused(f"{dest} exists and differs from {bundle_dir}; rename one of them")
+        return dest, False
+    tmp = model_dir / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        shutil.copytree(bundle_dir, tmp, symlinks=False)
+        manifest = _manifest_or_none(bundle_dir) or {}
+        report = find_report(bundle_dir, manifest)
+        if report is not None and not (dest / str(manifest["report"])).resolve().is_file():
+            shutil.copytree(report.parent, tmp / REPORT_COPY, dirs_exist_ok=True)
+        os.rename(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Refused(f"cannot copy {bundle_dir} into {model_dir}: {exc}") from None
+    _fsync_dir(model_dir)
+    return dest, True
 
 
 def swap_link(model_dir: Path, name: str, target: str) -> str | None:
@@ -470,32 +595,53 @@ def _fsync_dir(path: Path) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    """Validate DIR, then point MODEL_DIR/current (or shadow) at it; print the previous target."""
+    """Validate DIR as the gate would (its trusted keys included); copy it into the model
+    directory when it is outside; point MODEL_DIR/current (or shadow) at it, relatively; print
+    the previous target and how to roll back."""
     bundle_dir = _bundle_dir(args.dir)
     model_dir = _model_dir(args.model_dir or bundle_dir.resolve().parent)
     if bundle_dir.resolve() == model_dir.resolve():
         raise UsageError(f"{bundle_dir} is the model directory itself, not a bundle inside it")
+    keys = _trusted_keys(args)
     if args.no_validate:
         print(f"not validated (--no-validate): {bundle_dir}")
     else:
-        verdict = validate_bundle(bundle_dir)
-        if not verdict.valid:
-            raise Refused(f"not promoting {bundle_dir}: {verdict.error}; {args.slot} is unchanged")
-        print(f"valid: {verdict.version}, engine {verdict.engine}")
+        _valid_or_refuse(bundle_dir, keys, args.slot)
+    if not is_inside(bundle_dir, model_dir):
+        bundle_dir, made = copy_into(bundle_dir, model_dir)
+        print(f"{'copied into' if made else 'already in'} {model_dir}: {bundle_dir.name}")
+        if not args.no_validate:
+            _valid_or_refuse(bundle_dir, keys, args.slot)  # what the gate will load: the copy
     target = link_target(bundle_dir, model_dir)
     try:
         previous = swap_link(model_dir, args.slot, target)
     except OSError as exc:
         raise Refused(f"cannot point {model_dir / args.slot} at {target}: {exc}") from None
     print(f"{model_dir / args.slot} -> {target} (was {previous or 'absent'})")
-    print(_rollback_hint(model_dir, args.slot, previous))
+    print(_rollback_hint(model_dir, args.slot, previous, keys))
     return OK
 
 
-def _rollback_hint(model_dir: Path, slot: str, previous: str | None) -> str:
-    """The command that undoes a promotion."""
+def _valid_or_refuse(bundle_dir: Path, keys: Sequence[Ed25519PublicKey] | None, slot: str) -> None:
+    verdict = validate_bundle(bundle_dir, keys)
+    if not verdict.valid:
+        raise Refused(f"not promoting {bundle_dir}: {verdict.error}; {slot} is unchanged")
+    print(f"valid: {verdict.version}, engine {verdict.engine}, {verdict.signature}")
+
+
+def _rollback_hint(
+    model_dir: Path, slot: str, previous: str | None, keys: Sequence[Ed25519PublicKey] | None
+) -> str:
+    """The command that undoes a promotion; never one that names a bundle the gate refuses."""
     if previous is not None:
-        old = os.path.normpath(os.path.join(model_dir.resolve(), previous))
+        old = Path(os.path.normpath(os.path.join(model_dir.resolve(), previous)))
+        verdict = validate_bundle(old, keys) if old.is_dir() else None
+        if verdict is None or not verdict.valid:
+            why = verdict.error if verdict is not None else "it no longer exists"
+            return (
+                f"rollback: no safe target: what {slot} pointed at before would be refused by the "
+                f"gate ({why}); promote a bundle that validates"
+            )
         as_shadow = " --as shadow" if slot == "shadow" else ""
         return f"rollback: refund-gate model promote {old} --model-dir {model_dir}{as_shadow}"
     if slot == "shadow":
@@ -531,6 +677,152 @@ def _default_model_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask a running gate for its models (admin GetModelStatus); readable, or --json."""
+    import grpc
+    from google.protobuf import json_format
+
+    from refundgate.v1 import admin_pb2, admin_pb2_grpc
+
+    target = args.target or _default_target()
+    with grpc.insecure_channel(target) as channel:
+        try:
+            status = admin_pb2_grpc.GateAdminStub(channel).GetModelStatus(
+                admin_pb2.GetModelStatusRequest(), timeout=args.timeout_s
+            )
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "error"
+            raise Refused(f"cannot get the model status from {target} ({code}); is a gate there?") from None
+    if args.json:
+        body = json_format.MessageToDict(status, preserving_proto_field_name=True)
+        print(json.dumps({"target": target, **body}, indent=2))
+    else:
+        print("\n".join(status_lines(target, status)))
+    return OK
+
+
+def status_lines(target: str, status: Any) -> list[str]:
+    """A GetModelStatus reply as text: live, shadow, previous, reloads, the last refusal."""
+    lines = [f"gate        {target}"]
+    for name in ("live", "shadow", "previous"):
+        if not status.HasField(name):
+            lines.append(f"{name:<12}(none)")
+            continue
+        info = getattr(status, name)
+        loaded = _when(info.loaded_at)
+        lines += [
+            f"{name:<12}{info.version}  ({info.engine}, {info.num_trees} trees, hold >= "
+            f"{info.hold_threshold:.6g}, reject >= {info.reject_threshold:.6g})",
+            f"{'':<12}{info.path}, loaded {loaded}",
+        ]
+    lines.append(f"loads       {status.reloads:,} loaded, {status.refusals:,} refused")
+    if status.HasField("last_refusal"):
+        r = status.last_refusal
+        lines += [f"last refusal {_when(r.at)}: {r.path}", f"{'':<12}{r.reason}"]
+    return lines
+
+
+def _when(ts: Any) -> str:
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _default_target() -> str:
+    from gate.settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env().listen
+    except SettingsError as exc:
+        raise UsageError(f"{exc}; give --target") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# sign / keygen
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Sign DIR's manifest.json with the Ed25519 private key in --key (writes signature.json)."""
+    from gate.signing import KeyFileError, load_private_key, sign_bundle
+
+    bundle_dir = _bundle_dir(args.dir)
+    read_manifest(bundle_dir)
+    try:
+        key = load_private_key(args.key)
+    except KeyFileError as exc:
+        raise UsageError(f"--key: {exc}") from None
+    verdict = validate_bundle(bundle_dir)  # never sign what the gate would refuse anyway
+    if not verdict.valid:
+        raise Refused(f"not signing {bundle_dir}: {verdict.error}")
+    info = sign_bundle(bundle_dir, key, signer=args.signer)
+    print(f"signed {bundle_dir} ({verdict.version}) as {info.describe()}: {bundle_dir / 'signature.json'}")
+    return OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write a new Ed25519 private key (mode 0600) to --out and its public key to --out.pub."""
+    from gate.signing import generate_key, key_id, private_pem, public_pem
+
+    private: Path = args.out
+    public = private.with_name(private.name + ".pub")
+    for path in (private, public):
+        if path.exists():
+            raise Refused(f"{path} exists; not overwriting a key")
+    key = generate_key()
+    try:
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(private_pem(key))
+        public.write_bytes(public_pem(key.public_key()))
+    except OSError as exc:
+        raise Refused(f"cannot write the key: {exc}") from None
+    print(f"private key {private} (keep it secret: it signs bundles the gate will run)")
+    print(f"public key  {public} (give it to the gate: GATE_BUNDLE_PUBLIC_KEY={public})")
+    print(f"key id      {key_id(key.public_key())}")
+    return OK
+
+
+def _trusted_keys(args: argparse.Namespace) -> Sequence[Ed25519PublicKey] | None:
+    """The keys the gate would require: --public-key, else GATE_BUNDLE_PUBLIC_KEY, else none."""
+    from gate.signing import KeyFileError, load_public_keys
+
+    path = args.public_key
+    if path is None:
+        from gate.settings import Settings, SettingsError
+
+        try:
+            configured = Settings.from_env().bundle_public_key
+        except SettingsError as exc:
+            raise UsageError(f"{exc}; give --public-key") from None
+        path = Path(configured) if configured else None
+    if path is None:
+        return None
+    try:
+        return load_public_keys(path)
+    except KeyFileError as exc:
+        raise UsageError(f"--public-key: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Delegate to `model.train.main` with the arguments as given."""
+    import importlib
+
+    try:  # imported by name: model/ is the repository's, not part of the installed gate package
+        train_main = importlib.import_module("model.train").main
+    except ImportError as exc:
+        raise Refused(
+            f"model training needs the repository's model/ package ({exc}); run it from a checkout"
+        ) from None
+    train_main(args.train_args)
+    return OK
+
+
+# ---------------------------------------------------------------------------------------------
 # backtest / export-decisions
 
 
@@ -549,26 +841,42 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the decision log stream to a JSONL file (one DecisionRecord JSON per line)."""
+    """Write the decision log to a JSONL file: one decision per line, features by name, the
+    outcomes RecordEvents recorded for its refund joined (gate/decisionread.py)."""
+    import redis
+
+    from gate.decisionread import joined_records
+
     out: Path = args.out
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    count = with_outcomes = 0
+    client = _redis_client(args.redis_url)
     try:
-        with _decision_source(args) as records, tmp.open("w", encoding="utf-8") as fh:
-            count = _write_lines(fh, islice(records, args.limit))
+        with tmp.open("w", encoding="utf-8") as fh:
+            for body in islice(joined_records(client, args.key_prefix), args.limit):
+                fh.write(json.dumps(body, separators=(",", ":")) + "\n")
+                count += 1
+                with_outcomes += bool(body.get("outcomes"))
         os.replace(tmp, out)
+    except redis.RedisError as exc:
+        raise Refused(f"cannot read decisions from {args.redis_url}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"exported {count:,} decisions from {args.key_prefix}:decisions to {out}")
+        client.close()
+    print(
+        f"exported {count:,} decisions ({with_outcomes:,} with outcomes) from "
+        f"{args.key_prefix}:decisions and {args.key_prefix}:outcomes to {out}"
+    )
     return OK
 
 
-def _write_lines(fh: TextIO, records: Iterable[bytes | str]) -> int:
-    count = 0
-    for raw in records:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        fh.write(text.rstrip("\n") + "\n")
-        count += 1
-    return count
+def _redis_client(url: str) -> Any:
+    import redis
+
+    try:
+        return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    except ValueError as exc:
+        raise UsageError(f"--redis-url: {exc}") from None
 
 
 @contextmanager
@@ -584,10 +892,7 @@ def _decision_source(args: argparse.Namespace) -> Iterator[Iterator[str] | Itera
         return
     import redis
 
-    try:
-        client = redis.Redis.from_url(args.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    except ValueError as exc:
-        raise UsageError(f"--redis-url: {exc}") from None
+    client = _redis_client(args.redis_url)
     try:
         yield read_stream(client, f"{args.key_prefix}:decisions")
     except redis.RedisError as exc:
@@ -663,24 +968,58 @@ def add_model_commands(sub: Any) -> None:
     )
     msub = model.add_subparsers(dest="model_command", required=True)
 
+    public_key_help = (
+        "PEM file of the trusted public key(s) (default: GATE_BUNDLE_PUBLIC_KEY; none: unsigned ok)"
+    )
     p = msub.add_parser("validate", help="run every check the gate runs at load")
     p.add_argument("dir", type=Path, help="bundle directory")
     p.add_argument("--json", action="store_true", help="machine-readable verdict")
+    p.add_argument("--public-key", type=Path, help=public_key_help)
     p.set_defaults(func=_run(cmd_validate))
 
-    p = msub.add_parser("inspect", help="manifest, model card, metrics, files and checksums")
+    p = msub.add_parser("inspect", help="manifest, model card, signature, metrics, files and checksums")
     p.add_argument("dir", type=Path, help="bundle directory")
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=_run(cmd_inspect))
 
-    p = msub.add_parser("promote", help="validate, then atomically point current/shadow at DIR")
+    p = msub.add_parser(
+        "promote", help="validate, copy into the model directory if outside, point current/shadow at it"
+    )
     p.add_argument("dir", type=Path, help="bundle directory")
     p.add_argument(
         "--model-dir", type=Path, help="directory of the current/shadow links (default: the parent of DIR)"
     )
     p.add_argument("--as", dest="slot", choices=SLOTS, default="current")
+    p.add_argument("--public-key", type=Path, help=public_key_help)
     p.add_argument("--no-validate", action="store_true", help="promote even an invalid bundle")
     p.set_defaults(func=_run(cmd_promote))
+
+    p = msub.add_parser("status", help="the running gate's live, shadow and previous models")
+    p.add_argument("--target", help="host:port of the gate (default: GATE_LISTEN)")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="give up after this long")
+    p.add_argument("--json", action="store_true", help="machine-readable status")
+    p.set_defaults(func=_run(cmd_status))
+
+    p = msub.add_parser("sign", help="sign a bundle's manifest with an Ed25519 key")
+    p.add_argument("dir", type=Path, help="bundle directory")
+    p.add_argument("--key", type=Path, required=True, help="PEM private key (refund-gate model keygen)")
+    p.add_argument("--signer", default="", help="who signs, shown by validate/inspect (e.g. a team)")
+    p.set_defaults(func=_run(cmd_sign))
+
+    p = msub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    p.add_argument("--out", type=Path, required=True, help="private key file; the public key goes to OUT.pub")
+    p.set_defaults(func=_run(cmd_keygen))
+
+    # Every argument, options included, is model.train's: this parser has no options of its own
+    # (an option prefix no argument uses), so even --help reaches model.train.
+    p = msub.add_parser(
+        "train",
+        help="train a bundle (python -m model.train, same arguments)",
+        add_help=False,
+        prefix_chars="\x00",
+    )
+    p.add_argument("train_args", nargs="*", help="arguments of model.train (see --help)")
+    p.set_defaults(func=_run(cmd_train))
 
     p = msub.add_parser("unshadow", help="remove the shadow link")
     p.add_argument(
@@ -704,7 +1043,9 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=_run(cmd_backtest))
 
-    p = msub.add_parser("export-decisions", help="write the decision log stream to JSONL")
+    p = msub.add_parser(
+        "export-decisions", help="write the decision log to JSONL: features by name, outcomes joined"
+    )
     p.add_argument("--redis-url", required=True)
     p.add_argument("--key-prefix", default=defaults.key_prefix, help="stream <prefix>:decisions")
     p.add_argument("--out", type=Path, required=True, help="JSONL file to write")

@@ -4,7 +4,8 @@
 if its files change) or a directory with ``current`` and, optionally, ``shadow``: symlinks
 (swapped atomically, as Kubernetes volume updates do) or plain directories. The watcher polls
 them; when one changes it loads and verifies the new bundle in a worker thread — checksums,
-feature list, thresholds, golden vectors, exactly as at start-up — and only then swaps it in with
+feature list, thresholds, golden vectors, and the signature when signatures are required
+(GATE_BUNDLE_PUBLIC_KEY), exactly as at start-up — and only then swaps it in with
 one reference assignment. A request reads the holder once, so it is scored entirely by one model.
 
 A bad bundle (corrupt, truncated, mismatched, half-copied) is refused: the current model keeps
@@ -20,11 +21,17 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gate.bundle import MANIFEST, Bundle, BundleError, load_bundle
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from gate.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ def bundle_signature(path: Path) -> Signature | None:
     return str(real), stats
 
 
-async def _load_in_thread(path: Path) -> Bundle:
+async def _load_in_thread(path: Path, trusted_keys: Sequence[Ed25519PublicKey] | None = None) -> Bundle:
     """``load_bundle`` in a worker thread, with as little pause for the serving loop as it can.
 
     The loader gives the GIL up between trees (gate/treemodel.py ``yield_gil``), but a parse
@@ -83,7 +90,7 @@ async def _load_in_thread(path: Path) -> Bundle:
     """
     gc.disable()
     try:
-        bundle = await asyncio.to_thread(load_bundle, path)
+        bundle = await asyncio.to_thread(load_bundle, path, trusted_keys=trusted_keys)
     except BaseException:
         gc.enable()
         raise
@@ -102,8 +109,10 @@ class ModelWatcher:
         *,
         poll_s: float = 1.0,
         on_result: Callable[[str], None] | None = None,
+        trusted_keys: Sequence[Ed25519PublicKey] | None = None,
     ) -> None:
         self.model_dir = model_dir
+        self.trusted_keys = trusted_keys
         self.holder = holder
         self.poll_s = poll_s
         self.on_result = on_result
@@ -111,6 +120,15 @@ class ModelWatcher:
         self._loaded: dict[Signature, Bundle] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelWatcher:
+        """A watcher of ``settings.model_dir``, requiring signatures by the keys of
+        ``settings.bundle_public_key`` when it is set (validated with the settings)."""
+        from gate.signing import load_public_keys
+
+        keys = load_public_keys(Path(settings.bundle_public_key)) if settings.bundle_public_key else None
+        return cls(settings.model_dir, ModelHolder(), poll_s=settings.model_poll_s, trusted_keys=keys)
 
     def slots(self) -> dict[str, Path]:
         """Where the live (and shadow) bundle come from."""
@@ -129,7 +147,7 @@ class ModelWatcher:
                     raise BundleError(f"{path}: no model bundle there")
                 continue
             try:
-                bundle = load_bundle(path)
+                bundle = load_bundle(path, trusted_keys=self.trusted_keys)
             except BundleError as exc:
                 if slot == "current":
                     raise
@@ -173,7 +191,7 @@ class ModelWatcher:
             bundle = self._loaded.get(signature)
             if bundle is None:
                 try:
-                    bundle = await _load_in_thread(path)
+                    bundle = await _load_in_thread(path, self.trusted_keys)
                 except BundleError as exc:
                     self._refuse(path, exc)
                     continue

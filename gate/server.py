@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gate.admission import Admission, find_new_server, server_ids_or_none
 from gate.breaker import CircuitBreaker, State
 from gate.bundle import Bundle
-from gate.decisionlog import DecisionLog
+from gate.decisionlog import DecisionLog, OutcomeLog, outcomes_key
 from gate.logs import setup_logging
 from gate.redisclient import RedisAddress, RedisConnection, RedisError
 from gate.reflection import enable_reflection
@@ -283,6 +283,11 @@ def create_gate(
         hasher=IdHasher(settings.id_hash_key),
         replay_ttl_s=settings.replay_ttl_s,
         breaker=breaker,
+        outcomes=(
+            OutcomeLog(outcomes_key(settings.key_prefix), maxlen=settings.decision_log_maxlen)
+            if settings.decision_log
+            else None
+        ),
     )
     decision_log = None
     if settings.decision_log:

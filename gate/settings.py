@@ -58,6 +58,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
         {
             "model_dir": "directory with current (and shadow) bundle links, or one bundle",
             "model_poll_s": "how often the model directory is checked for a new bundle",
+            "bundle_public_key": "Ed25519 public key file: serve only bundles signed by it",
         },
     ),
     "budget and policy": (
@@ -128,6 +129,15 @@ class Settings:
         metadata=_meta(
             "Directory with 'current' (and optionally 'shadow'): symlinks or directories holding "
             "model bundles, watched and hot-reloaded; or a single bundle directory."
+        ),
+    )
+    bundle_public_key: str = field(
+        default="",
+        metadata=_meta(
+            "PEM file of the Ed25519 public key(s) model bundles must be signed with "
+            "(`refund-gate model sign`); the gate then refuses, at start and at every reload, a "
+            "bundle unsigned, signed by another key, or whose files do not match. Empty: "
+            "signatures are not required."
         ),
     )
     model_poll_s: float = field(
@@ -245,7 +255,8 @@ class Settings:
     decision_log: bool = field(
         default=True,
         metadata=_meta(
-            "Append every decision to the Redis Stream '<key_prefix>:decisions' (off the hot path)."
+            "Append every decision to the Redis Stream '<key_prefix>:decisions' (off the hot path), "
+            "and every refund outcome RecordEvents counts to '<key_prefix>:outcomes' (to join them)."
         ),
     )
     decision_log_maxlen: int = field(
@@ -336,6 +347,8 @@ class Settings:
         need(self.decision_log_queue >= 1, "decision_log_queue", "must be >= 1")
         need(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         need(self.degraded_approve_below_minor >= 0, "degraded_approve_below_minor", "must be >= 0")
+        if self.bundle_public_key:
+            problems += self._key_problems()
         if problems:
             raise SettingsError("invalid settings: " + "; ".join(problems))
 
@@ -344,6 +357,15 @@ class Settings:
         if name == "id_hash_key":
             return f"{len(value)} characters"
         return repr(_mask(name, value) if name == "redis_url" else value)
+
+    def _key_problems(self) -> list[str]:
+        from gate.signing import KeyFileError, load_public_keys
+
+        try:
+            load_public_keys(Path(self.bundle_public_key))
+        except KeyFileError as exc:
+            return [f"{describe_setting('bundle_public_key')}: {exc}"]
+        return []
 
     def describe(self) -> dict[str, Any]:
         """Effective settings for the start-up log, secrets masked."""

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
@@ -59,6 +59,9 @@ from gate.features import (
 )
 from gate.redisclient import Command, RedisConnection, RedisError, RedisReplyError, RedisUnavailable
 from refundgate.v1 import refund_gate_pb2 as pb
+
+if TYPE_CHECKING:
+    from gate.decisionlog import OutcomeLog
 
 ACCOUNT_FIELDS = (
     "refunds_1h",
@@ -578,12 +581,14 @@ class VelocityStore:
         hasher: IdHasher,
         replay_ttl_s: int,
         breaker: CircuitBreaker | None = None,
+        outcomes: OutcomeLog | None = None,
     ) -> None:
         self.conn = conn
         self.keys = Keys(prefix)
         self.hash = hasher
         self.replay_ttl_ms = replay_ttl_s * 1000
         self.breaker = breaker
+        self.outcomes = outcomes  # REFUND_OUTCOME events are appended there too (decisions join them)
 
     def refund_facts(self, req: pb.CheckRequest, at_s: float, flags: int) -> RefundFacts:
         """Hash the ids of a validated request; the only step that sees them raw."""
@@ -862,6 +867,8 @@ class VelocityStore:
             record, log, log_ttl, cap = (ABUSE_RECORD.pack(now), k.abuse(account), ABUSE_TTL_MS, ABUSE_CAP)
         else:
             record = b""  # other outcomes only take their event id
+        if ev.type == pb.EVENT_TYPE_REFUND_OUTCOME and self.outcomes is not None:
+            others.append(self.outcomes.command(h("r", ev.refund_id), eid, now, ev.outcome))
         script: Command = (
             "EVALSHA",
             LOG_SCRIPT.sha,

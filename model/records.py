@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import calendar
 import functools
+import gc
 import gzip
 import os
 import re
@@ -273,13 +274,35 @@ def read_records(
     Every bad line is kept in ``RecordSet.bad`` (and passed to ``on_bad`` as it is found).
     Raises TooManyBadRecords when bad lines are more than ``max_bad_share`` of all lines, and
     FileNotFoundError / OSError for a file that cannot be read. With ``progress`` a progress line
-    with rate and ETA (over the bytes of the files) goes to stderr.
+    with rate and ETA (over the bytes of the files) goes to stderr. The cyclic garbage collector
+    is paused for the read and what exists then is frozen out of later collections (gc.freeze):
+    rescanning millions of records made a 2 M-line read about 1.5x slower.
     """
     if not 0.0 <= max_bad_share <= 1.0:
         raise ValueError(f"--max-bad-share must be within 0..1, not {max_bad_share}")
     paths = [Path(p) for p in paths]
     total = sum(p.stat().st_size for p in paths)
     result = RecordSet(records=[], paths=paths)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # millions of new long-lived objects: each collection would rescan them all
+    try:
+        _read_into(result, paths, total, on_bad, progress)
+    finally:
+        gc.freeze()  # the records live as long as the training: keep them out of later collections
+        if gc_was_enabled:
+            gc.enable()
+    if result.bad and len(result.bad) > max_bad_share * result.lines:
+        raise TooManyBadRecords(len(result.bad), result.lines, max_bad_share, result.bad[0])
+    return result
+
+
+def _read_into(
+    result: RecordSet,
+    paths: Sequence[Path],
+    total: int,
+    on_bad: Callable[[BadLine], None] | None,
+    progress: bool,
+) -> None:
     records, bad = result.records, result.bad
     events: Counter[int] = Counter()
     segments: Counter[str] = Counter()
@@ -323,9 +346,6 @@ def read_records(
     result.events = Counter({pb.EventType.Name(t).removeprefix("EVENT_TYPE_"): n for t, n in events.items()})
     result.checks = len(records) - sum(events.values())
     result.segments = segments
-    if bad and len(bad) > max_bad_share * result.lines:
-        raise TooManyBadRecords(len(bad), result.lines, max_bad_share, bad[0])
-    return result
 
 
 class _FastParser:

@@ -30,7 +30,7 @@ from gate.backtest import (
 )
 from gate.bundle import Bundle, load_bundle
 from gate.cli import main
-from gate.decisionlog import DecisionRecord
+from gate.decisionlog import FEATURE_SPEC, DecisionRecord
 from gate.devredis import RedisProcess, free_port
 from gate.features import FEATURE_INDEX, FEATURE_NAMES, FEATURES
 from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, decide
@@ -41,7 +41,7 @@ from tests.test_cli import run_cli
 
 DEGRADED = DegradedPolicy(Settings().degraded_approve_below_minor)
 VELOCITY = [i for i, f in enumerate(FEATURES) if f.source != "request"]
-CHECK_NAMES = ("manifest", "checksums", "features", "thresholds", "model", "golden")
+CHECK_NAMES = ("manifest", "signature", "checksums", "features", "thresholds", "model", "golden")
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -314,14 +314,70 @@ def test_promote_refuses_an_invalid_bundle_and_keeps_the_old_link(models: Path) 
     assert os.readlink(models / "current") == "b2"
 
 
-def test_promote_from_outside_the_model_dir_links_absolute(
+def with_report(bundle_dir: Path, root: Path, name: str = "b") -> Path:
+    """A copy of the test bundle at root/bundles/NAME whose manifest names its report at
+    root/reports/NAME/report.md (relative, as model.train records it), with a plot beside it."""
+    bundle = copy_bundle(bundle_dir, root / "bundles" / name)
+    reports = root / "reports" / name
+    reports.mkdir(parents=True)
+    (reports / "report.md").write_text("# report\n")
+    (reports / "scores.png").write_bytes(b"png")
+    edit_manifest(bundle, lambda m: m.update(report=f"../../reports/{name}/report.md"))
+    return bundle
+
+
+def test_promote_from_outside_copies_the_bundle_and_report_in_and_links_relatively(
     bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    elsewhere = copy_bundle(bundle_dir, tmp_path / "elsewhere" / "b")
-    (tmp_path / "models").mkdir()
-    code, _, err = cli(capsys, "model", "promote", str(elsewhere), "--model-dir", str(tmp_path / "models"))
+    elsewhere = with_report(bundle_dir, tmp_path / "elsewhere")
+    models = tmp_path / "models"
+    models.mkdir()
+    code, out, err = cli(capsys, "model", "promote", str(elsewhere), "--model-dir", str(models))
     assert code == 0, err
-    assert os.readlink(tmp_path / "models" / "current") == str(elsewhere.resolve())
+    assert os.readlink(models / "current") == "b"
+    assert f"copied into {models}: b" in out
+    copy = models / "b"
+    assert (copy / "manifest.json").read_bytes() == (elsewhere / "manifest.json").read_bytes()
+    assert (copy / "report" / "report.md").read_text() == "# report\n"
+    assert (copy / "report" / "scores.png").is_file()
+    assert sorted(p.name for p in models.iterdir()) == ["b", "current"]  # no temporary left
+    code, out, err = cli(capsys, "model", "inspect", str(models / "current"))
+    assert code == 0 and "report/report.md (copied by promote" in out and "warning" not in err
+
+
+def test_promote_from_outside_refuses_a_different_bundle_of_the_same_name(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    elsewhere = with_report(bundle_dir, tmp_path / "elsewhere")
+    models = tmp_path / "models"
+    copy_bundle(bundle_dir, models / "b")
+    code, _, err = cli(capsys, "model", "promote", str(elsewhere), "--model-dir", str(models))
+    assert code == 1 and "exists and differs" in err
+    assert not (models / "current").exists()
+
+
+def test_inspect_warns_when_the_report_path_is_broken(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b = copy_bundle(bundle_dir, tmp_path / "b")
+    edit_manifest(b, lambda m: m.update(report="../reports/gone/report.md"))
+    code, out, err = cli(capsys, "model", "inspect", str(b))
+    assert code == 0
+    assert "report      WARNING: broken path: ../reports/gone/report.md does not exist" in out
+    assert (
+        err.strip() == "refund-gate model inspect: warning: report path is broken: ../reports/gone/report.md"
+    )
+
+
+def test_the_rollback_hint_never_names_a_bundle_the_gate_refuses(models: Path) -> None:
+    assert run_cli("model", "promote", str(models / "b1")).returncode == 0
+    _corrupt_model(models / "b2")
+    assert run_cli("model", "promote", str(models / "b2"), "--no-validate").returncode == 0
+    back = run_cli("model", "promote", str(models / "b1"))
+    assert back.returncode == 0, back.stderr
+    hint = next(line for line in back.stdout.splitlines() if line.startswith("rollback:"))
+    assert "no safe target" in hint and "checksum of model.txt" in hint
+    assert "b2" not in hint
 
 
 def test_promote_renames_a_new_link_over_the_old_one(
@@ -656,13 +712,18 @@ def test_export_then_backtest_matches_the_stream(
 ) -> None:
     lines = [r.to_json() for r, _ in logged]
     fill_stream(rdb, "rg:decisions", lines)
+    rdb.hset("rg:decisions:feature_specs", FEATURE_SPEC, json.dumps(list(FEATURE_NAMES)))
     out_file = tmp_path / "export.jsonl"
     code, out, err = cli(
         capsys, "model", "export-decisions", "--redis-url", redis_proc.url, "--out", str(out_file)
     )
     assert code == 0, err
-    assert f"exported {len(lines)} decisions" in out
-    assert out_file.read_text().splitlines() == lines
+    assert f"exported {len(lines)} decisions (0 with outcomes)" in out
+    expected = [
+        {**body, "features": dict(zip(FEATURE_NAMES, body["features"], strict=True)), "outcomes": []}
+        for body in map(json.loads, lines)
+    ]
+    assert [json.loads(line) for line in out_file.read_text().splitlines()] == expected
     assert os.listdir(tmp_path) == ["export.jsonl"]  # the temporary file was renamed
     from_file = cli(capsys, "model", "backtest", str(bundle_dir), "--jsonl", str(out_file), "--json")[1]
     from_redis = cli(capsys, "model", "backtest", str(bundle_dir), "--redis-url", redis_proc.url, "--json")[1]
@@ -678,7 +739,7 @@ def test_export_then_backtest_matches_the_stream(
         "--limit",
         "5",
     )
-    assert code == 0 and out_file.read_text().splitlines() == lines[:5]
+    assert code == 0 and [json.loads(line) for line in out_file.read_text().splitlines()] == expected[:5]
 
 
 def test_backtest_without_redis_is_refused_cleanly(
@@ -724,3 +785,44 @@ def test_building_the_parser_imports_no_heavy_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# status / train
+
+
+def test_status_shows_the_running_gates_models(redis_proc: RedisProcess, bundle_dir: Path) -> None:
+    from tests.gateproc import start_gate_process
+
+    gate = start_gate_process(redis_proc.url, bundle_dir)
+    try:
+        text = run_cli("model", "status", "--target", gate.target)
+        as_json = run_cli("model", "status", "--target", gate.target, "--json")
+    finally:
+        gate.stop()
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == f"gate        {gate.target}"
+    assert lines[1].startswith("live        test-model-1  (compiled, ")
+    assert "hold >= 0.5, reject >= 0.9" in lines[1]
+    assert f"{bundle_dir.resolve()}, loaded " in lines[2]
+    assert "shadow      (none)" in lines and "previous    (none)" in lines
+    assert "loads       1 loaded, 0 refused" in lines
+    body = json.loads(as_json.stdout)
+    assert body["target"] == gate.target
+    assert body["live"]["version"] == "test-model-1" and body["live"]["hold_threshold"] == 0.5
+    assert "shadow" not in body and body["reloads"] == "1"
+
+
+def test_status_without_a_gate_is_refused_in_one_line() -> None:
+    out = run_cli("model", "status", "--target", f"127.0.0.1:{free_port()}", "--timeout-s", "1")
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0
+    assert "cannot get the model status from 127.0.0.1:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_passes_its_arguments_to_model_train() -> None:
+    out = run_cli("model", "train", "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m model.train")
+    assert "--reports" in out.stdout
