@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from gate.features import FEATURE_NAMES
+from gate.features import FEATURE_INDEX, FEATURE_NAMES
+from model.dataset import Dataset
+from model.labels import DEFAULT_MATURITY_DAYS, label_refunds
 from model.progress import Progress
 from refundgate.v1 import refund_gate_pb2 as pb
 
@@ -154,3 +156,39 @@ def _outcomes(values: Any) -> list[tuple[float, int]]:
     if not isinstance(values, list):
         return []
     return [(float(o["at"]), pb.RefundOutcome.Value(str(o["outcome"]))) for o in values]
+
+
+def to_dataset(
+    rows: DecisionRows, *, maturity_days: float = DEFAULT_MATURITY_DAYS, as_of: float | None = None
+) -> Dataset:
+    """The training set of these decisions: features as served, labelled from their outcomes
+    like a replay (model/labels.py), judged by those labels (production has no ground truth).
+
+    The guard rules' inputs come back from the features themselves: the amount from
+    ``log10_amount``, the order amount from ``refund_order_ratio``, the order's running total
+    from ``order_refunded_ratio`` (NaN when the decision was degraded: no total then).
+    ``as_of`` defaults to the latest decision or outcome.
+    """
+    X = rows.X
+    latest = max([float(rows.at.max(initial=0.0))] + [t for o in rows.outcomes for t, _ in o])
+    end = latest if as_of is None else as_of
+    refunds = [str(r) for r in rows.refund]
+    outcomes = {refund: list(o) for refund, o in zip(refunds, rows.outcomes, strict=True)}
+    labels = label_refunds(refunds, rows.at.tolist(), outcomes, as_of=end, maturity_days=maturity_days)
+    amount = np.rint(10.0 ** X[:, FEATURE_INDEX["log10_amount"]])
+    order_amount = np.rint(amount / X[:, FEATURE_INDEX["refund_order_ratio"]])
+    asked = np.nan_to_num(X[:, FEATURE_INDEX["order_refunded_ratio"]] * order_amount)
+    return Dataset(
+        X,
+        labels.y.copy(),
+        np.full(len(rows), "", dtype=object).astype(str),
+        rows.at.astype(np.float64),
+        amount=amount.astype(np.int64),
+        order_amount=order_amount.astype(np.int64),
+        order_asked=np.rint(asked).astype(np.int64),
+        records=rows.read,
+        label=labels.y,
+        labels=labels,
+        first_at=float(rows.at.min(initial=0.0)),
+        last_at=end,
+    )

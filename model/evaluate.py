@@ -792,6 +792,8 @@ def _data_line(data: dict[str, Any]) -> str:
         + (f", without {', '.join(data['held_out'])}" if data.get("held_out") else "")
         if data["source"] == "model/simulate.py"
         else "history files " + ", ".join(f"`{f}`" for f in data["history"]["files"])
+        if data["source"] == "history files"
+        else f"the gate's decision log ({data['decisions']['from']}) joined with its outcomes"
     )
     return (
         f"- **Data**: {where}, {data['records']:,} records, {data['refunds']:,} refund requests "

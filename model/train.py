@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import lightgbm as lgb
 import numpy as np
@@ -37,6 +38,7 @@ from gate.scoring import load_model
 from gate.settings import Settings
 from model import evaluate
 from model.dataset import Dataset, build_dataset
+from model.decisions import load_decisions, to_dataset
 from model.labels import DEFAULT_MATURITY_DAYS
 from model.package import golden_rows, write_bundle
 from model.records import DEFAULT_MAX_BAD_SHARE, Record, read_records
@@ -357,6 +359,13 @@ def main(argv: list[str] | None = None) -> None:
         help="train on these history files (model/README.md, History format) instead of the simulator",
     )
     parser.add_argument(
+        "--decisions",
+        default=None,
+        metavar="SOURCE",
+        help="train on the gate's own decision log joined with its outcomes: a redis:// URL or an "
+        "export-decisions JSONL file",
+    )
+    parser.add_argument(
         "--max-bad-share",
         type=float,
         default=DEFAULT_MAX_BAD_SHARE,
@@ -396,7 +405,19 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     held_out = tuple(args.hold_out)
     source: dict[str, Any]
-    if args.records:
+    if args.records and args.decisions:
+        parser.error("--records and --decisions are two sources: give one")
+    if args.decisions:
+        rows = load_decisions(
+            args.decisions if "://" in args.decisions else Path(args.decisions), progress=True
+        )
+        source = {
+            "source": "decision log",
+            "decisions": {"from": _masked(args.decisions), "read": rows.read, "skipped": dict(rows.skipped)},
+        }
+        data = to_dataset(rows, maturity_days=args.maturity_days, as_of=args.as_of)
+        shifted_events = args.shifted_events if args.shifted_events is not None else 0
+    elif args.records:
         history = read_records(args.records, max_bad_share=args.max_bad_share, progress=True)
         for bad in history.bad[:20]:
             print(f"bad line: {bad}", file=sys.stderr)
@@ -506,6 +527,14 @@ def main(argv: list[str] | None = None) -> None:
         f"in {time.monotonic() - started:.0f} s\n{summary(ev)}",
         file=sys.stderr,
     )
+
+
+def _masked(source: str) -> str:
+    """A source for the model card, a URL's password masked."""
+    parts = urlsplit(source)
+    if parts.password:
+        return source.replace(f":{parts.password}@", ":***@")
+    return source
 
 
 def replay(

@@ -22,7 +22,7 @@ from gate.features import FEATURE_NAMES
 from gate.settings import DEV_ID_KEY, Settings
 from gate.velocity import IdHasher
 from model.dataset import build_dataset
-from model.decisions import DecisionRows, load_decisions, rows_from
+from model.decisions import DecisionRows, load_decisions, rows_from, to_dataset
 from model.simulate import SimConfig, SimRecord, simulate
 from refundgate.v1 import refund_gate_pb2 as pb
 from tests.conftest import RunningGate, start_gate, stop_gate
@@ -189,3 +189,26 @@ def test_loading_from_an_unreachable_redis_raises_a_redis_error() -> None:
 
     with pytest.raises(redis.RedisError):
         load_decisions(f"redis://127.0.0.1:{free_port()}/0")
+
+
+async def test_both_paths_give_the_same_training_rows_and_labels(
+    traffic: list[SimRecord], from_stream: DecisionRows, redis_proc: RedisProcess
+) -> None:
+    as_of = max(rec.at for rec in traffic)
+    replayed = await build_dataset(  # its own key space: an earlier test replayed the same ids
+        [rec.record() for rec in traffic],
+        redis_proc.url,
+        id_hash_key="second-replay-key-0123456789",
+        as_of=as_of,
+        maturity_days=1,
+    )
+    logged = to_dataset(from_stream, as_of=as_of, maturity_days=1)
+    checks = [rec.check for rec in traffic if rec.check is not None]
+    row_of = from_stream.index()
+    assert (replayed.label >= 0).sum() > 20 and (replayed.label == 1).any()
+    for i, check in enumerate(checks):
+        j = row_of[REFUND("r", check.refund_id)]
+        assert by_name(logged.X[j]) == by_name(replayed.X[i]), check.refund_id
+        assert logged.label[j] == replayed.label[i], check.refund_id
+        assert logged.amount[j] == replayed.amount[i] and logged.order_amount[j] == replayed.order_amount[i]
+        assert logged.order_asked[j] == replayed.order_asked[i]
