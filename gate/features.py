@@ -5,6 +5,11 @@ the same velocity code, replayed against Redis), the bundle's manifest records `
 and the gate refuses a model whose feature list differs. Unknown values are NaN, never 0: a
 missing device is not a device with zero accounts, and LightGBM routes NaN on its own branch.
 
+The account's behaviour counts of flagged refunds ("not received" claims, quick digital refunds,
+refunds without a return) count the refunds *before* this one: the request's own flags are
+request features, so a reason code backed by these counters is evidence of what the account did
+before, never of this request alone (gate/policy.py rejects only on such evidence).
+
 Each velocity feature names the counter it reads (``field``, one of the names in
 gate/velocity.py's ``*_FIELDS``) or derives its value from named counters (``derive``): nothing
 maps by position. Each feature also says what kind of evidence it is (``kind``): *behaviour*
@@ -192,14 +197,14 @@ FEATURES: tuple[Feature, ...] = (
         "acct_inr_30d",
         "account",
         "SERIAL_NOT_RECEIVED",
-        "'Not received' claims by the account, 30 d.",
+        "'Not received' claims by the account, 30 d, before this one.",
         field="inr_30d",
     ),
     _f(
         "acct_inr_delivered_30d",
         "account",
         "SERIAL_NOT_RECEIVED",
-        "'Not received' claims on delivered orders, 30 d (this one included).",
+        "'Not received' claims on delivered orders, 30 d, before this one.",
         monotone=1,
         why=_UP_ABUSE,
         field="inr_delivered_30d",
@@ -208,14 +213,14 @@ FEATURES: tuple[Feature, ...] = (
         "acct_digital_quick_7d",
         "account",
         "SERIAL_QUICK_DIGITAL_REFUNDS",
-        "Digital goods refunds within an hour of the order, 7 d.",
+        "Digital goods refunds within an hour of the order, 7 d, before this one.",
         field="digital_quick_7d",
     ),
     _f(
         "acct_changed_mind_unreturned_30d",
         "account",
         "REPEATED_UNRETURNED",
-        "'Changed my mind' refunds without return, 30 d.",
+        "'Changed my mind' refunds without return, 30 d, before this one.",
         field="cm_unreturned_30d",
     ),
     _f(
@@ -240,7 +245,7 @@ FEATURES: tuple[Feature, ...] = (
         "acct_unreturned_30d",
         "account",
         "REPEATED_UNRETURNED",
-        "Refunds of the account, 30 d, whose item did not come back.",
+        "Refunds of the account, 30 d, before this one, whose item did not come back.",
         monotone=1,
         why=_UP_ABUSE,
         field="unreturned_30d",
@@ -361,7 +366,7 @@ FEATURES: tuple[Feature, ...] = (
         "pair_unreturned_30d",
         "account",
         "MERCHANT_COLLUSION",
-        "Refunds by this account at this merchant, 30 d, whose item did not come back.",
+        "Refunds by this account at this merchant, 30 d, before this one, not sent back.",
         monotone=1,
         why=_UP_ABUSE,
         field="pair_unreturned_30d",

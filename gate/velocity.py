@@ -402,7 +402,7 @@ def account_windows(
                 delivered_30d.add(r[7])
     refunds.setdefault(rid, mine)
     r1h = r24h = r7d = r30d = amt30 = inr = inrd = dq7 = cm = pair_r = ord_n = ord_amt = 0
-    ret30 = pair_unret = 0
+    ret30 = pair_unret = unret = 0
     ips: set[int] = set()
     cities: set[int] = set()
     devices: set[int] = set()
@@ -416,20 +416,25 @@ def account_windows(
         r30d += 1
         amt30 += amount
         returned = flags & F_RETURNED
+        # The behaviour counts are of the refunds before this one: what the account did, not
+        # what this request says (its own flags are request features).
+        earlier = r[1] != rid
         if returned:
             ret30 += 1
+        elif earlier:
+            unret += 1
         if r[6] == merchant:
             pair_r += 1
-            if not returned:
+            if earlier and not returned:
                 pair_unret += 1
-        if flags:
+        if flags and earlier:
             inr += flags & F_INR and 1
             inrd += flags & F_INR_DELIVERED and 1
             cm += flags & F_CM_UNRETURNED and 1
         devices.add(r[10])
         if age < WEEK_MS:
             r7d += 1
-            if flags & F_DIGITAL_QUICK:
+            if flags & F_DIGITAL_QUICK and earlier:
                 dq7 += 1
             if age < DAY_MS:
                 r24h += 1
@@ -476,7 +481,7 @@ def account_windows(
         ord_amt,
         delivered,
         ret30,
-        r30d - ret30,
+        unret,
         pair_unret,
         len(delivered_30d),
         t[T_ORDERS],

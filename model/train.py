@@ -65,6 +65,7 @@ HELD_OUT_BEHAVIOURS = ("legit_bnpl_returner", "legit_defective_batch")
 # The thresholds must meet the targets on a shifted world too, with this margin (model/README.md).
 SHIFT_SAFETY = 0.8
 SEGMENT_HELD_MAX = 0.03  # no honest segment held above this share (issue #11 target)
+SEGMENT_REJECTED_MAX = 0.005  # ... nor rejected above this one: a rejection is the costliest error
 SHIFTED_WEEKS = 3
 SHIFTED_EVENTS = 700_000
 PARAMS: dict[str, Any] = {
@@ -154,8 +155,9 @@ def choose_thresholds(
     """Hold and reject lines that keep the legitimate hold and reject rates within ``targets``
     on the validation weeks and, when ``shifted`` (scores, labels, segments of a calibration
     world the model never trained on) is given, on that world too with a margin
-    (SHIFT_SAFETY x the targets) and no honest segment held above SEGMENT_HELD_MAX: the
-    stricter line wins, so the targets hold on traffic unlike the training weeks."""
+    (SHIFT_SAFETY x the targets) and no honest segment held above SEGMENT_HELD_MAX or rejected
+    above SEGMENT_REJECTED_MAX: the stricter line wins, so the targets hold on traffic unlike the
+    training weeks."""
     legit = scores[y == 0]
     holds = [evaluate.threshold_at_rate(legit, targets.legit_held)]
     rejects = [evaluate.threshold_at_rate(legit, targets.legit_rejected)]
@@ -168,6 +170,7 @@ def choose_thresholds(
             seg = s_scores[(s_y == 0) & (s_segment == name)]
             if len(seg) >= 100:  # a line from fewer rows is noise
                 holds.append(evaluate.threshold_at_rate(seg, SEGMENT_HELD_MAX * SHIFT_SAFETY))
+                rejects.append(evaluate.threshold_at_rate(seg, SEGMENT_REJECTED_MAX * SHIFT_SAFETY))
     hold = min(max(holds), 1.0)
     reject = min(max(*rejects, hold), 1.0)
     return Thresholds(hold, reject)

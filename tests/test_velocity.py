@@ -11,7 +11,7 @@ import pytest_asyncio
 import redis
 
 from gate.devredis import RedisProcess
-from gate.features import F_DIGITAL_QUICK, F_INR
+from gate.features import F_DIGITAL_QUICK, F_INR, F_RETURNED
 from gate.redisclient import RedisAddress, RedisConnection
 from gate.velocity import (
     ACCOUNT_BUCKET_MS,
@@ -91,9 +91,21 @@ async def test_flags_amounts_pair_and_order(store: VelocityStore) -> None:
     )
     c = await read(store, facts(store, flags=F_INR, refund_id="rf:3", amount_minor=300))
     acct = c["account"]
-    assert (acct["inr_30d"], acct["digital_quick_7d"], acct["amount_30d"]) == (2, 1, 2000)
+    # Behaviour counts are of the refunds before this one (rf:1's claim, rf:2's quick refund).
+    assert (acct["inr_30d"], acct["digital_quick_7d"], acct["amount_30d"]) == (1, 1, 2000)
     assert acct["pair_refunds_30d"] == 2  # rf:2 was at another merchant
     assert (acct["order_refunds"], acct["order_amount"]) == (3, 2000)
+
+
+async def test_returned_unreturned_and_tenure_counts(store: VelocityStore) -> None:
+    await read(store, facts(store, flags=F_RETURNED, refund_id="rf:1"))
+    await read(store, facts(store, flags=F_INR, refund_id="rf:2"))
+    first = await store.record_and_read(facts(store, flags=F_INR, refund_id="rf:3"), 2.0)
+    retry = await store.record_and_read(facts(store, flags=F_INR, refund_id="rf:3"), 2.0)
+    acct = first.counters["account"]
+    assert acct is not None and retry.counters["account"] == acct  # a retry sees the same
+    assert (acct["returned_30d"], acct["unreturned_30d"], acct["pair_unreturned_30d"]) == (1, 1, 1)
+    assert (acct["prior_refunds"], acct["prior_returned"], acct["prior_inr"]) == (2, 1, 1)
 
 
 async def test_distinct_ips_cities_devices_and_accounts(store: VelocityStore) -> None:
