@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gate.redisclient import RedisTarget, TlsOptions
+
 DEV_ID_KEY = "refund-gate-dev-key-not-secret"
 """Key for hashing ids before they reach Redis. Fine for a laptop, never for production:
 set ``GATE_ID_HASH_KEY`` to a secret so that a Redis dump cannot be joined back to account ids."""
@@ -52,8 +54,66 @@ class Settings:
     redis_url: str = field(
         default="redis://127.0.0.1:6379/0",
         metadata=_meta(
-            "Redis holding the velocity counters and stored replies (redis://[:password@]host:port/db).",
+            "Redis holding the velocity counters and stored replies: redis://[:password@]host:port/db, "
+            "rediss:// (TLS), unix:///path, or a cluster: redis+cluster://host:port[,host:port...] "
+            "(rediss+cluster:// with TLS).",
             secret=True,
+        ),
+    )
+    redis_tls_ca_file: str = field(
+        default="",
+        metadata=_meta("rediss://: CA certificates (PEM) to verify Redis with; empty: the system's."),
+    )
+    redis_tls_cert_file: str = field(
+        default="", metadata=_meta("rediss://: client certificate (PEM), for Redis's tls-auth-clients.")
+    )
+    redis_tls_key_file: str = field(
+        default="", metadata=_meta("rediss://: the client certificate's private key (PEM).")
+    )
+    redis_tls_server_name: str = field(
+        default="",
+        metadata=_meta("rediss://: name expected in Redis's certificate (and sent as SNI); empty: the host."),
+    )
+    redis_tls_verify: bool = field(
+        default=True,
+        metadata=_meta(
+            "rediss://: verify Redis's certificate and name. Off only for a lab: anyone can listen."
+        ),
+    )
+    redis_allow_plaintext_password: bool = field(
+        default=False,
+        metadata=_meta(
+            "Allow sending the Redis password unencrypted (redis://) to an address off this host; "
+            "otherwise such a URL is refused at start."
+        ),
+    )
+    redis_cluster_refresh_s: float = field(
+        default=10.0,
+        metadata=_meta(
+            "Cluster: how often the slot map is read again when all is well (at once on MOVED, "
+            "and within a second while a node is down)."
+        ),
+    )
+    velocity_health_interval_s: float = field(
+        default=1.0,
+        metadata=_meta("Interval over which the share of degraded Checks is judged (and logged if bad)."),
+    )
+    velocity_health_degraded_share: float = field(
+        default=0.5,
+        metadata=_meta(
+            "Share of an interval's Checks degraded by Redis at which the velocity health entry "
+            "turns NOT_SERVING (also while any node's circuit breaker is open)."
+        ),
+    )
+    degraded_answers_max: int = field(
+        default=100_000,
+        metadata=_meta("Answers given degraded that each worker remembers, so their retries get them again."),
+    )
+    outage_journal_max: int = field(
+        default=100_000,
+        metadata=_meta(
+            "Refunds decided without Redis that each worker keeps to count once Redis is back; "
+            "past it the oldest are dropped (and counted)."
         ),
     )
     redis_connect_timeout_ms: float = field(
@@ -206,8 +266,29 @@ class Settings:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
             problems.append("listen must be host:port")
-        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
-            problems.append("redis_url must start with redis://, rediss:// or unix://")
+        try:
+            target = self.redis_target()
+        except ValueError as exc:
+            problems.append(f"redis_url: {exc}")
+        else:
+            exposed = [a.name for a in target.seeds if a.plaintext_password]
+            if exposed:
+                problems.append(
+                    f"redis_url: the password would cross the network in plaintext to {exposed[0]}; "
+                    "use rediss:// (or set redis_allow_plaintext_password)"
+                )
+        for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                problems.append(f"{name}: no such file {path}")
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            problems.append("redis_tls_cert_file and redis_tls_key_file go together")
+        if self.redis_cluster_refresh_s <= 0 or self.velocity_health_interval_s <= 0:
+            problems.append("redis_cluster_refresh_s and velocity_health_interval_s must be > 0")
+        if not 0 < self.velocity_health_degraded_share <= 1:
+            problems.append("velocity_health_degraded_share must be within (0, 1]")
+        if self.degraded_answers_max < 1 or self.outage_journal_max < 1:
+            problems.append("degraded_answers_max and outage_journal_max must be >= 1")
         if self.workers < 1:
             problems.append("workers must be >= 1")
         if self.event_loop not in EVENT_LOOPS:
@@ -264,6 +345,19 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+    def redis_target(self) -> RedisTarget:
+        """The parsed Redis URL with the TLS settings (raises ValueError naming the problem)."""
+        tls = TlsOptions(
+            ca_file=self.redis_tls_ca_file or None,
+            cert_file=self.redis_tls_cert_file or None,
+            key_file=self.redis_tls_key_file or None,
+            server_name=self.redis_tls_server_name or None,
+            verify=self.redis_tls_verify,
+        )
+        return RedisTarget.from_url(
+            self.redis_url, tls, allow_plaintext_password=self.redis_allow_plaintext_password
+        )
 
     @property
     def uses_dev_key(self) -> bool:
