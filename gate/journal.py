@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from gate.redisclient import RedisError
 from gate.velocity import RefundFacts, VelocityStore
 
 log = logging.getLogger(__name__)
-BATCH = 64  # entries replayed per round trip
+BATCH = 16  # entries replayed per round trip
 REPLAY_TIMEOUT_S = 1.0
 
 
@@ -87,8 +88,11 @@ class OutageJournal:
             await self._wake.wait()
             self._wake.clear()
             while self._entries:
+                started = time.monotonic()
                 if await self.replay_some():
                     backoff.reset()
+                    # Replay at most half the time: Checks keep their budget during a catch-up.
+                    await asyncio.sleep(max(time.monotonic() - started, 0.001))
                 else:
                     await asyncio.sleep(backoff.next())
 

@@ -296,8 +296,7 @@ class RedisConnection:
         self._ensure_reconnecting()
         task = self._reconnect_task
         if task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            await asyncio.wait((task,), timeout=timeout_s)  # never raises, never cancels the task
         if self._proto is None:
             raise RedisUnavailable(f"redis connection to {self.address.name} is down")
 
@@ -324,6 +323,12 @@ class RedisConnection:
                     )
                 else:
                     _, proto = await loop.create_connection(lambda: _Protocol(self), a.host, a.port)
+                transport = proto.transport
+                if transport is not None and transport.get_extra_info("sockname") == transport.get_extra_info(
+                    "peername"
+                ):  # a TCP self-connect to a port nothing listens on: no Redis at all
+                    transport.abort()
+                    raise ConnectionRefusedError("connected to itself")
                 self._proto = proto
                 hello: list[Command] = []
                 if a.password:

@@ -319,6 +319,12 @@ class ClusterDriver:
             for replica in replicas:
                 r = self._address(source, replica)
                 self.known[r.name] = r
+        if [n.address.name if n else None for n in slots] != [
+            n.address.name if n else None for n in self.slots
+        ]:
+            log.info(
+                "redis cluster slot map changed", extra={"masters": sorted(masters), "source": source.name}
+            )
         self.slots = slots
         for name in [n for n in self.nodes if n not in masters]:
             gone = self.nodes.pop(name)
@@ -353,19 +359,29 @@ class ClusterDriver:
         """Refresh every ``refresh_s``; while a node is down or a MOVED came, at once and then
         with the jittered backoff, until the map is whole again."""
         fast = self.backoff.start()
-        assert self._refresh_now is not None
+        event = self._refresh_now
+        assert event is not None
+        loop = asyncio.get_running_loop()
         while not self._closed:
-            healthy = self.connected and not (self.health is not None and self.health.open_nodes)
+            healthy = self._healthy()
             if healthy:
                 fast.reset()
-            wait = self.refresh_s if healthy else fast.next()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_now.wait(), wait)
-            self._refresh_now.clear()
+            due = loop.time() + (self.refresh_s if healthy else fast.next())
+            while (left := due - loop.time()) > 0:  # a node lost meanwhile cuts the wait short
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, 0.25))
+                if event.is_set() or (healthy and not self._healthy()):
+                    break
+            event.clear()
             try:
                 await self.refresh()
             except RedisError as exc:
                 log.warning("redis cluster slot map refresh failed: %s", exc)
+            except Exception:  # never let the map go stale for good
+                log.exception("redis cluster slot map refresh failed")
+
+    def _healthy(self) -> bool:
+        return self.connected and not (self.health is not None and self.health.open_nodes)
 
     def _node_of(self, cmd: Command) -> _Node:
         slot = command_slot(cmd)

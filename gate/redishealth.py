@@ -139,9 +139,10 @@ class RedisHealth:
         return "; ".join(parts) or "healthy"
 
     def _breaker_changed(self, node: str, state: State) -> None:
-        if state is State.OPEN and self.on_open is not None:
-            self.on_open(node)
-        self._evaluate()
+        if state is State.OPEN:
+            if self.on_open is not None:
+                self.on_open(node)
+            self._evaluate()  # unhealthy at once; healthy again only when an interval says so
 
     def _evaluate(self) -> None:
         serving = not self.open_nodes and not self._mostly_degraded
