@@ -12,9 +12,10 @@ decision.
 The same answer on every retry, outage or not: an answer given degraded is remembered by this
 process (gate/answers.py) and journaled (gate/journal.py), which counts the refund once Redis is
 back and stores the answer there for every worker. So a retry gets, in this order: the answer
-Redis holds; else this process's own degraded answer; else a new decision, with
-``replayed=false`` — ``replayed=true`` only ever carries the answer first given. Stored answers
-hold no raw identifier: the refund_id is filled in from the request.
+Redis holds; else this process's own degraded answer (``replayed=true`` once Redis confirms no
+answer came before it, ``replayed=false`` while Redis cannot say); else a new decision, with
+``replayed=false``: ``replayed=true`` only ever carries the answer on record. Stored answers hold
+no raw identifier: the refund_id is filled in from the request.
 """
 
 from __future__ import annotations
@@ -246,7 +247,11 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         mine = _InFlight(facts.fingerprint, asyncio.get_running_loop().create_future())
         self._in_flight[facts.refund] = mine
         try:
-            response = await self._decide(request, context, bundle, shadow, rf, facts, started)
+            # A copy that gave up waiting for its original is not the original: its answer is
+            # never stored as the refund's (the original's is, by it or its journal entry).
+            response = await self._decide(
+                request, context, bundle, shadow, rf, facts, started, original=waiting is None
+            )
             mine.future.set_result(response)
             return response
         except asyncio.CancelledError:
@@ -295,6 +300,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         rf: features.RequestFeatures,
         facts: RefundFacts,
         started: float,
+        original: bool = True,
     ) -> pb.CheckResponse:
         tel, m = self.telemetry, self.metrics
         span = trace.get_current_span()
@@ -362,7 +368,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             degraded=degraded,
             decision_id=_decision_id(facts.refund, status),
         )
-        if status == Status.COUNTED or degraded:
+        if original and (status == Status.COUNTED or degraded):
             blob = response.SerializeToString()
             if status == Status.COUNTED:
                 self.store.store_reply(facts, blob)
@@ -423,8 +429,13 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                 self._undo(facts, velocity.counted if velocity is not None else [])
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS, REUSED_ID)
             blob = mine.response
-            if velocity is not None and velocity.status is not None:
-                self.store.store_reply(facts, blob)  # Redis is back: every worker may now know it
+            if velocity is None or velocity.status is None:
+                # Redis cannot say whether an answer was given before ours (by another worker,
+                # before the outage): the same answer again, but not claimed to be a replay.
+                answer = pb.CheckResponse.FromString(blob)
+                answer.refund_id = request.refund_id
+                return answer
+            self.store.store_reply(facts, blob)  # ours is the first Redis heard of: keep it
         self.metrics.replays.add(1)
         stored = pb.CheckResponse.FromString(blob)
         stored.refund_id = request.refund_id
