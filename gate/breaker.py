@@ -8,7 +8,8 @@ Redis that is known to be failing. Here live traffic never probes:
 
 While OPEN, ``allow()`` is False: Checks skip Redis and decide degraded at once instead of each
 waiting out its timeout. A background task probes (e.g. PING with the Redis share of the budget
-as timeout) with capped exponential backoff until Redis answers in time.
+as timeout), with the jittered delays of gate/backoff.py, until Redis answers in time. One breaker
+guards one Redis node; gate/redishealth.py owns them all.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
+
+from gate.backoff import REDIS_BACKOFF, BackoffPolicy
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +41,17 @@ class CircuitBreaker:
         probe: Callable[[], Awaitable[object]],
         *,
         failure_threshold: int = 5,
-        probe_interval_s: float = 0.05,
-        max_probe_interval_s: float = 1.0,
+        backoff: BackoffPolicy = REDIS_BACKOFF,
         on_change: Callable[[State], None] | None = None,
+        name: str = "redis",
     ) -> None:
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
         self._probe = probe
         self.failure_threshold = failure_threshold
-        self.probe_interval_s = probe_interval_s
-        self.max_probe_interval_s = max_probe_interval_s
+        self.backoff = backoff
         self.on_change = on_change
+        self.name = name
         self.state = State.CLOSED
         self.opened_at: float | None = None
         self.failures = 0
@@ -78,25 +81,25 @@ class CircuitBreaker:
         self.state = State.OPEN
         self.opened_at = time.monotonic()
         self.opens += 1
-        log.warning("circuit breaker opened", extra={"failures": self.failures})
+        log.warning("circuit breaker opened", extra={"failures": self.failures, "node": self.name})
         self._notify()
         if self._prober is None or self._prober.done():
             self._prober = asyncio.get_running_loop().create_task(self._probe_until_healthy())
 
     async def _probe_until_healthy(self) -> None:
-        delay = self.probe_interval_s
+        backoff = self.backoff.start()
         while self.state is State.OPEN:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.next())
             try:
                 await self._probe()
             except Exception as exc:  # every failure just means "not yet"
                 log.debug("probe failed: %s", type(exc).__name__)
-                delay = min(delay * 2, self.max_probe_interval_s)
                 continue
             self.state = State.CLOSED
             self.failures = 0
             log.info(
-                "circuit breaker closed", extra={"open_s": round(time.monotonic() - (self.opened_at or 0), 3)}
+                "circuit breaker closed",
+                extra={"open_s": round(time.monotonic() - (self.opened_at or 0), 3), "node": self.name},
             )
             self._notify()
 

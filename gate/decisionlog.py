@@ -29,7 +29,8 @@ from typing import Any
 import orjson
 
 from gate.features import FEATURE_NAMES
-from gate.redisclient import RedisConnection, RedisError
+from gate.redisclient import RedisError
+from gate.redisdriver import RedisDriver
 
 log = logging.getLogger(__name__)
 BATCH = 256
@@ -132,7 +133,7 @@ class DecisionLog:
 
     def __init__(
         self,
-        conn: RedisConnection,
+        conn: RedisDriver,
         key: str,
         *,
         maxlen: int,
@@ -147,6 +148,7 @@ class DecisionLog:
         self._queue: asyncio.Queue[DecisionRecord] = asyncio.Queue(maxsize=queue_size)
         self._on_drop = on_drop
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None  # the writer's batch in flight
 
     def submit(self, record: DecisionRecord) -> None:
         """Queue a decision for the log; never blocks, drops (and counts) when full."""
@@ -162,7 +164,9 @@ class DecisionLog:
 
     async def _run(self) -> None:
         while True:
-            await self._write(self._take([await self._queue.get()]))
+            batch = self._take([await self._queue.get()])
+            self._writing = asyncio.ensure_future(self._write(batch))
+            await self._writing
 
     def _take(self, batch: list[DecisionRecord]) -> list[DecisionRecord]:
         """Fill ``batch`` with what is queued, up to BATCH records."""
@@ -177,7 +181,9 @@ class DecisionLog:
         except RedisError:
             self._drop(len(batch))
             return
-        failed = sum(1 for r in replies[: len(commands)] if not isinstance(r, bytes))
+        failed = sum(
+            1 for r in replies[: len(commands)] if not isinstance(r, bytes)
+        )  # error replies, failed nodes
         if failed:
             self._drop(failed)
 
@@ -186,10 +192,15 @@ class DecisionLog:
             self._on_drop(n)
 
     async def flush(self, timeout_s: float = 2.0) -> None:
-        """Write what is queued now (shutdown, tests)."""
+        """Write what is queued now, and wait for the batch the writer has in flight: once it
+        returns, every decision submitted before is in Redis or counted as dropped."""
         deadline = time.monotonic() + timeout_s
         while not self._queue.empty() and time.monotonic() < deadline:
             await self._write(self._take([]))
+        writing = self._writing
+        if writing is not None and not writing.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(writing), max(deadline - time.monotonic(), 0.001))
 
     async def close(self) -> None:
         """Flush, then stop the writer."""

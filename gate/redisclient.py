@@ -15,6 +15,11 @@ Failure behaviour is explicit and fast, because callers have a millisecond budge
 - a batch that is not answered within its timeout fails with RedisTimeout; if the oldest pending
   batch has been waiting longer than ``stall_s`` the connection is presumed dead and reset.
 redis-py stays in use everywhere off the hot path (CLI, tools).
+
+TLS (``rediss://``) wraps the same protocol in the event loop's own TLS transport, with the CA
+file, client certificate, server name and verification of ``TlsOptions``. A password is never
+sent in plaintext to an address off this host unless the address explicitly allows it.
+The drivers built on this connection (single node, cluster) are in gate/redisdriver.py.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
+import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
+
+from gate.backoff import REDIS_BACKOFF, BackoffPolicy
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +63,38 @@ class RedisReplyError(RedisError):
 
 
 @dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """How to speak TLS to Redis (``rediss://``): whom to trust, who we are, whom we expect."""
+
+    ca_file: str | None = None  # None: the system's trust store
+    cert_file: str | None = None  # client certificate (Redis ``tls-auth-clients yes``)
+    key_file: str | None = None
+    server_name: str | None = None  # SNI and the name checked in the server's certificate
+    verify: bool = True  # False: encrypt, but accept any certificate (never in production)
+
+    def context(self) -> ssl.SSLContext:
+        """The client SSLContext (built once per option set; loading a CA file is not free)."""
+        return _ssl_context(self)
+
+
+@functools.lru_cache(maxsize=16)
+def _ssl_context(tls: TlsOptions) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True, slots=True)
 class RedisAddress:
-    """Where and how to connect, parsed from a redis:// or unix:// URL."""
+    """Where and how to connect to one Redis node, parsed from a redis://, rediss:// or unix://
+    URL (a cluster URL is a list of them: ``RedisTarget``)."""
 
     host: str = "127.0.0.1"
     port: int = 6379
@@ -62,29 +102,103 @@ class RedisAddress:
     password: str | None = None
     username: str | None = None
     unix_path: str | None = None
+    tls: TlsOptions | None = None
+    allow_plaintext_password: bool = False
 
     @classmethod
-    def from_url(cls, url: str) -> RedisAddress:
-        """Parse ``redis://[[user]:password@]host[:port][/db]`` or ``unix:///path?db=N``."""
+    def from_url(cls, url: str, tls: TlsOptions | None = None) -> RedisAddress:
+        """Parse ``redis[s]://[[user]:password@]host[:port][/db]`` or ``unix:///path?db=N``;
+        ``rediss://`` uses ``tls`` (default: the system's trust store, verified)."""
+        target = RedisTarget.from_url(url, tls)
+        if target.cluster:
+            raise ValueError("a cluster url names several nodes: use RedisTarget.from_url")
+        return target.seeds[0]
+
+    @property
+    def name(self) -> str:
+        """``host:port`` (or the socket path): how logs and per-node breakers name the node."""
+        return self.unix_path or f"{self.host}:{self.port}"
+
+    @property
+    def local(self) -> bool:
+        """True for a unix socket or a loopback address: nothing crosses a network."""
+        if self.unix_path or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def plaintext_password(self) -> bool:
+        """True when connecting would send the password unencrypted over a network, and that
+        was not explicitly allowed."""
+        return (
+            bool(self.password) and self.tls is None and not self.local and not self.allow_plaintext_password
+        )
+
+    def at(self, host: str, port: int) -> RedisAddress:
+        """The same credentials and TLS options for another node (a cluster's)."""
+        return replace(self, host=host, port=port, unix_path=None)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """A parsed Redis URL: one node, or the seed nodes of a cluster
+    (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://`` with TLS)."""
+
+    seeds: tuple[RedisAddress, ...]
+    cluster: bool = False
+
+    @classmethod
+    def from_url(
+        cls, url: str, tls: TlsOptions | None = None, *, allow_plaintext_password: bool = False
+    ) -> RedisTarget:
+        """Parse any URL of ``SCHEMES``; raises ValueError naming what is wrong."""
         parts = urlsplit(url)
-        if parts.scheme == "unix":
+        scheme = parts.scheme
+        if scheme not in SCHEMES:
+            raise ValueError("redis url must use " + ", ".join(f"{s}://" for s in SCHEMES))
+        password = unquote(parts.password) if parts.password else None
+        username = unquote(parts.username) if parts.username else None
+        if scheme == "unix":
             db = 0
             for item in parts.query.split("&"):
                 if item.startswith("db="):
                     db = int(item[3:])
-            return cls(
-                unix_path=parts.path, db=db, password=unquote(parts.password) if parts.password else None
-            )
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError("redis url must use redis:// or unix://")
-        db = int(parts.path.lstrip("/") or 0)
-        return cls(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 6379,
-            db=db,
-            password=unquote(parts.password) if parts.password else None,
-            username=unquote(parts.username) if parts.username else None,
+            return cls((RedisAddress(unix_path=parts.path, db=db, password=password, username=username),))
+        secure = scheme.startswith("rediss")
+        cluster = scheme.endswith("+cluster")
+        base = RedisAddress(
+            password=password,
+            username=username,
+            tls=(tls or TlsOptions()) if secure else None,
+            allow_plaintext_password=allow_plaintext_password,
         )
+        path = parts.path.lstrip("/")
+        if cluster and path not in ("", "0"):
+            raise ValueError("a redis cluster has only database 0")
+        db = int(path or 0)
+        hosts = parts.netloc.rpartition("@")[2]
+        seeds = []
+        for item in hosts.split(","):
+            host, port = _host_port(item)
+            seeds.append(replace(base, host=host, port=port, db=db))
+        if not seeds or (len(seeds) > 1 and not cluster):
+            raise ValueError("only a cluster url may name several hosts")
+        return cls(tuple(seeds), cluster)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    item = item.strip()
+    if item.startswith("["):  # [ipv6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = item.partition(":")
+    if port and not port.isdigit():
+        raise ValueError(f"bad port in redis url: {item!r}")
+    return host or "127.0.0.1", int(port or 6379)
 
 
 class _Batch:
@@ -147,14 +261,14 @@ class RedisConnection:
         *,
         connect_timeout_s: float = 0.2,
         stall_s: float = 0.5,
-        max_backoff_s: float = 1.0,
+        backoff: BackoffPolicy = REDIS_BACKOFF,
         lazy_flush_s: float = 0.002,
         on_connect: Sequence[Command] = (),
     ) -> None:
         self.address = address
         self.connect_timeout_s = connect_timeout_s
         self.stall_s = stall_s
-        self.max_backoff_s = max_backoff_s
+        self.backoff = backoff
         self.lazy_flush_s = lazy_flush_s
         self.on_connect = list(on_connect)
         self._proto: _Protocol | None = None
@@ -170,16 +284,51 @@ class RedisConnection:
         """True while a connection is open and usable."""
         return self._proto is not None
 
+    def open_soon(self) -> None:
+        """Start opening the connection in the background (with backoff), unless it is open."""
+        if self._proto is None:
+            self._ensure_reconnecting()
+
+    async def ready(self, timeout_s: float) -> None:
+        """Wait at most ``timeout_s`` for the connection to be open (raises RedisUnavailable)."""
+        if self._proto is not None:
+            return
+        self._ensure_reconnecting()
+        task = self._reconnect_task
+        if task is not None:
+            await asyncio.wait((task,), timeout=timeout_s)  # never raises, never cancels the task
+        if self._proto is None:
+            raise RedisUnavailable(f"redis connection to {self.address.name} is down")
+
     async def connect(self) -> None:
         """Open the connection now (raises RedisUnavailable if it cannot within the timeout)."""
         loop = self._loop = asyncio.get_running_loop()
         a = self.address
+        if a.plaintext_password:
+            raise RedisUnavailable(
+                f"refusing to send the redis password in plaintext to {a.name}: use rediss:// "
+                "(or allow it with GATE_REDIS_ALLOW_PLAINTEXT_PASSWORD)"
+            )
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 if a.unix_path:
                     _, proto = await loop.create_unix_connection(lambda: _Protocol(self), a.unix_path)
+                elif a.tls is not None:
+                    _, proto = await loop.create_connection(
+                        lambda: _Protocol(self),
+                        a.host,
+                        a.port,
+                        ssl=a.tls.context(),
+                        server_hostname=a.tls.server_name or a.host,
+                    )
                 else:
                     _, proto = await loop.create_connection(lambda: _Protocol(self), a.host, a.port)
+                transport = proto.transport
+                if transport is not None and transport.get_extra_info("sockname") == transport.get_extra_info(
+                    "peername"
+                ):  # a TCP self-connect to a port nothing listens on: no Redis at all
+                    transport.abort()
+                    raise ConnectionRefusedError("connected to itself")
                 self._proto = proto
                 hello: list[Command] = []
                 if a.password:
@@ -192,9 +341,9 @@ class RedisConnection:
                     errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
                     if errors:
                         raise RedisReplyError(str(errors[0]))
-        except (OSError, TimeoutError, RedisError) as exc:
+        except (OSError, TimeoutError, RedisError) as exc:  # ssl.SSLError is an OSError
             self._drop()
-            raise RedisUnavailable(f"cannot connect to redis: {type(exc).__name__}") from None
+            raise RedisUnavailable(f"cannot connect to redis at {a.name}: {_why(exc)}") from None
 
     def send(self, commands: Sequence[Command], *, urgent: bool = True) -> asyncio.Future[list[Any]]:
         """Queue a batch; its future resolves to the list of replies, in order.
@@ -277,15 +426,14 @@ class RedisConnection:
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        delay = 0.02
+        backoff = self.backoff.start()
         while not self._closed and self._proto is None:
             try:
                 await self.connect()
-                log.info("redis connection restored")
+                log.info("redis connection restored", extra={"node": self.address.name})
                 return
             except RedisUnavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_s)
+                await asyncio.sleep(backoff.next())
 
     async def close(self) -> None:
         """Close for good: fail pending batches and stop reconnecting."""
@@ -295,3 +443,14 @@ class RedisConnection:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconnect_task
         self._drop()
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a failed connect: the TLS verification message, or the error's type."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not accepted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error ({exc.reason})"
+    if isinstance(exc, RedisError):
+        return str(exc)
+    return type(exc).__name__

@@ -25,11 +25,14 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gate.admission import Admission, find_new_server, server_ids_or_none
-from gate.breaker import CircuitBreaker, State
+from gate.backoff import REDIS_BACKOFF
 from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog, OutcomeLog, outcomes_key
+from gate.journal import OutageJournal
 from gate.logs import setup_logging
-from gate.redisclient import RedisAddress, RedisConnection, RedisError
+from gate.redisclient import RedisError
+from gate.redisdriver import ClusterDriver, SingleNodeDriver, make_driver
+from gate.redishealth import RedisHealth
 from gate.reflection import enable_reflection
 from gate.reloader import ModelHolder, ModelWatcher
 from gate.service import RefundGateService, bad_request_status
@@ -50,8 +53,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GateAdmin"].full_name
 VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
-"""Health entry of the velocity store: NOT_SERVING while its circuit breaker is open. The
-service itself stays SERVING then: it answers, degraded, within its budget."""
+"""Health entry of the velocity store: NOT_SERVING while a node's circuit breaker is open or most
+Checks are degraded by Redis (gate/redishealth.py). The service itself stays SERVING then: it
+answers, degraded, within its budget."""
 
 
 def _unary(
@@ -155,11 +159,13 @@ class Gate:
     port: int
     service: RefundGateService
     health: health.aio.HealthServicer
-    redis: RedisConnection
-    breaker: CircuitBreaker
+    redis: SingleNodeDriver | ClusterDriver
+    redis_health: RedisHealth
+    journal: OutageJournal
     models: ModelHolder
     telemetry: Telemetry
     decision_log: DecisionLog | None
+    log_redis: SingleNodeDriver | ClusterDriver | None  # the decision log's own connection(s)
     watcher: ModelWatcher | None
     _tasks: list[asyncio.Task[None]]
 
@@ -171,16 +177,20 @@ class Gate:
             self.decision_log.start()
         if self.watcher is not None:
             self.watcher.start()
+        self.redis_health.start()
+        self.journal.start()
         await self.server.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._become_ready()))
 
     async def _become_ready(self) -> None:
-        delay = 0.02
+        backoff = REDIS_BACKOFF.start()
         warned = False
         while True:
             try:
                 if not self.redis.connected:
                     await self.redis.connect()
+                if self.log_redis is not None and not self.log_redis.connected:
+                    await self.log_redis.connect()
                 (info,) = await self.redis.call([("INFO", "server")], timeout_s=1.0)
                 version = redis_version(info)
                 if version >= MIN_REDIS:
@@ -193,22 +203,20 @@ class Gate:
                     )
                     warned = True
                 await asyncio.sleep(5.0)
-            except RedisError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            except RedisError as exc:
+                if not warned:
+                    log.warning("waiting for redis: %s", exc)
+                    warned = True
+                await asyncio.sleep(backoff.next())
         await self.health.set(VELOCITY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         if self.models.bundle is not None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving", extra={"port": self.port, "model_version": self.models.bundle.version})
 
-    def on_breaker_change(self, state: State) -> None:
-        """Mirror the breaker in the velocity health entry and count openings."""
-        if state is State.OPEN:
-            self.telemetry.m.breaker_opens.add(1)
+    def on_velocity_health(self, serving: bool) -> None:
+        """Mirror the Redis health verdict in the velocity health entry."""
         status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if state is State.CLOSED
-            else health_pb2.HealthCheckResponse.NOT_SERVING
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         task = asyncio.get_running_loop().create_task(self.health.set(VELOCITY_HEALTH, status))
         self._tasks.append(task)
@@ -228,10 +236,13 @@ class Gate:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace_s)
+        await self.journal.close()
         if self.decision_log is not None:
             await self.decision_log.close()
-        await self.breaker.close()
+        await self.redis_health.close()
         await self.redis.close()
+        if self.log_redis is not None:
+            await self.log_redis.close()
 
 
 def create_gate(
@@ -268,37 +279,52 @@ def create_gate(
         watcher.on_result = on_load
         if holder.refusals:  # refused before telemetry existed (e.g. a bad shadow at start-up)
             telemetry.m.model_loads.add(holder.refusals, {"result": "refused"})
-    redis = RedisConnection(
-        RedisAddress.from_url(settings.redis_url),
-        connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
-        on_connect=LOAD_SCRIPTS,
+    target = settings.redis_target()
+    connect_timeout_s = settings.redis_connect_timeout_ms / 1000.0
+    redis_health = RedisHealth(
+        failure_threshold=settings.breaker_failures,
+        interval_s=settings.velocity_health_interval_s,
+        degraded_share=settings.velocity_health_degraded_share,
+        on_open=lambda _node: telemetry.m.breaker_opens.add(1),
     )
-    probe_timeout_s = (settings.budget_ms - settings.score_reserve_ms) / 1000.0
-    breaker = CircuitBreaker(
-        lambda: redis.call([("PING",)], probe_timeout_s), failure_threshold=settings.breaker_failures
+    redis = make_driver(
+        target,
+        scripts=LOAD_SCRIPTS,
+        health=redis_health,
+        connect_timeout_s=connect_timeout_s,
+        probe_timeout_s=(settings.budget_ms - settings.score_reserve_ms) / 1000.0,
+        refresh_s=settings.redis_cluster_refresh_s,
     )
     store = VelocityStore(
         redis,
         prefix=settings.key_prefix,
         hasher=IdHasher(settings.id_hash_key),
         replay_ttl_s=settings.replay_ttl_s,
-        breaker=breaker,
         outcomes=(
             OutcomeLog(outcomes_key(settings.key_prefix), maxlen=settings.decision_log_maxlen)
             if settings.decision_log
             else None
         ),
     )
-    decision_log = None
+    journal = OutageJournal(
+        store,
+        capacity=settings.outage_journal_max,
+        on_event=lambda event, n: telemetry.m.outage_journal.add(n, {"event": event}),
+    )
+    decision_log = log_redis = None
     if settings.decision_log:
+        # Its own connection(s): an audit burst never queues ahead of a Check's pipeline.
+        log_redis = make_driver(
+            target, connect_timeout_s=connect_timeout_s, refresh_s=settings.redis_cluster_refresh_s
+        )
         decision_log = DecisionLog(
-            redis,
+            log_redis,
             f"{settings.key_prefix}:decisions",
             maxlen=settings.decision_log_maxlen,
             queue_size=settings.decision_log_queue,
             on_drop=lambda n: telemetry.m.decision_log_dropped.add(n),
         )
-    observe_breaker(telemetry.meter, lambda: not breaker.allow())
+    observe_breaker(telemetry.meter, lambda: bool(redis_health.open_nodes))
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -313,7 +339,16 @@ def create_gate(
     before = server_ids_or_none()
     server = grpc.aio.server(options=options)
     admission = Admission.from_settings(settings, find_new_server(before))
-    service = RefundGateService(settings, store, holder, telemetry, decision_log, admission=admission)
+    service = RefundGateService(
+        settings,
+        store,
+        holder,
+        telemetry,
+        decision_log,
+        admission=admission,
+        redis_health=redis_health,
+        journal=journal,
+    )
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -335,9 +370,21 @@ def create_gate(
     if port == 0:
         raise OSError(f"cannot bind {settings.listen}")
     gate = Gate(
-        server, port, service, health_servicer, redis, breaker, holder, telemetry, decision_log, watcher, []
+        server=server,
+        port=port,
+        service=service,
+        health=health_servicer,
+        redis=redis,
+        redis_health=redis_health,
+        journal=journal,
+        models=holder,
+        telemetry=telemetry,
+        decision_log=decision_log,
+        log_redis=log_redis,
+        watcher=watcher,
+        _tasks=[],
     )
-    breaker.on_change = gate.on_breaker_change
+    redis_health.on_change = gate.on_velocity_health
     return gate
 
 

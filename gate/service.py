@@ -8,6 +8,14 @@ counted; its stored answer comes back in the same round trip. Concurrent identic
 process share one computation (single flight); across processes the logs' per-refund ids keep
 counts exact and the decision id is derived from the refund id, so every copy names the same
 decision.
+
+The same answer on every retry, outage or not: an answer given degraded is remembered by this
+process (gate/answers.py) and journaled (gate/journal.py), which counts the refund once Redis is
+back and stores the answer there for every worker. So a retry gets, in this order: the answer
+Redis holds; else this process's own degraded answer (``replayed=true`` once Redis confirms no
+answer came before it, ``replayed=false`` while Redis cannot say); else a new decision, with
+``replayed=false``: ``replayed=true`` only ever carries the answer on record. Stored answers hold
+no raw identifier: the refund_id is filled in from the request.
 """
 
 from __future__ import annotations
@@ -29,9 +37,12 @@ from opentelemetry.metrics import Histogram
 
 from gate import features, policy
 from gate.admission import Admission
+from gate.answers import DegradedAnswers
 from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog, DecisionRecord
+from gate.journal import OutageJournal
 from gate.redisclient import RedisError, RedisTimeout, RedisUnavailable
+from gate.redishealth import RedisHealth
 from gate.reloader import ModelHolder
 from gate.settings import Settings
 from gate.telemetry import Telemetry
@@ -154,6 +165,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         decision_log: DecisionLog | None = None,
         clock: Callable[[], float] = time.time,
         admission: Admission | None = None,
+        redis_health: RedisHealth | None = None,
+        journal: OutageJournal | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -168,6 +181,9 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             needs_behaviour=settings.reject_needs_behaviour,
             returned_at_most_hold=settings.returned_at_most_hold,
         )
+        self.redis_health = redis_health
+        self.journal = journal
+        self.answers = DegradedAnswers(settings.degraded_answers_max, settings.replay_ttl_s)
         self._in_flight: dict[str, _InFlight] = {}
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
@@ -235,7 +251,11 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         mine = _InFlight(facts.fingerprint, asyncio.get_running_loop().create_future())
         self._in_flight[facts.refund] = mine
         try:
-            response = await self._decide(request, context, bundle, shadow, rf, facts, started)
+            # A copy that gave up waiting for its original is not the original: its answer is
+            # never stored as the refund's (the original's is, by it or its journal entry).
+            response = await self._decide(
+                request, context, bundle, shadow, rf, facts, started, original=waiting is None
+            )
             mine.future.set_result(response)
             return response
         except asyncio.CancelledError:
@@ -284,6 +304,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         rf: features.RequestFeatures,
         facts: RefundFacts,
         started: float,
+        original: bool = True,
     ) -> pb.CheckResponse:
         tel, m = self.telemetry, self.metrics
         span = trace.get_current_span()
@@ -297,10 +318,11 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         m.stage_duration.record(t1 - t0, {"stage": "velocity"})
         if problem is not None:
             m.redis_errors.add(1, {"kind": problem})
-        if velocity is not None:
-            replay = self._replay(velocity, facts)
-            if replay is not None:
-                return replay
+        if self.redis_health is not None:
+            self.redis_health.record_check(problem)
+        replay = self._replay(request, velocity, facts)
+        if replay is not None:
+            return replay
         counters = velocity.counters if velocity is not None else {}
         degraded = velocity is None or not velocity.complete
         model = bundle.model
@@ -332,32 +354,39 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             1, {"decision": verdict.decision, "model_version": bundle.version, "degraded": degraded}
         )
         if span.is_recording():
-            breaker = self.store.breaker
+            health = self.redis_health
             span.set_attributes(
                 {
                     "refundgate.decision": verdict.decision,
                     "refundgate.model_version": bundle.version,
                     "refundgate.degraded": degraded,
-                    "refundgate.breaker": breaker.state.value if breaker is not None else "none",
+                    "refundgate.breaker": health.state if health is not None else "none",
                     "refundgate.velocity_ms": round((t1 - t0) * 1000, 3),
                     "refundgate.score_ms": round((t2 - t1) * 1000, 3),
                 }
             )
         status = velocity.status if velocity is not None else None
-        response = pb.CheckResponse(
-            refund_id=request.refund_id,
+        response = pb.CheckResponse(  # no refund_id yet: what is stored holds no raw id
             decision=_DECISIONS[verdict.decision],
             score=score,
             reasons=[pb.Reason(code=c, detail=policy.REASON_DETAILS[c]) for c in verdict.reasons],
             model_version=bundle.version,
             degraded=degraded,
-            replayed=status == Status.DUPLICATE,
             decision_id=_decision_id(facts.refund, status),
         )
-        if status == Status.COUNTED and not degraded:
-            self.store.store_reply(facts, response.SerializeToString())
+        if original and (status == Status.COUNTED or degraded):
+            blob = response.SerializeToString()
+            if status == Status.COUNTED:
+                self.store.store_reply(facts, blob)
+            if degraded:
+                self.answers.remember(facts.refund, facts.fingerprint, blob)
+                if self.journal is not None:
+                    self.journal.add(facts, blob)
+        response.refund_id = request.refund_id
         if status == Status.DUPLICATE:
-            return response  # the original's decision is the one on record
+            # Counted before, its answer unknown here (still being decided elsewhere, or given
+            # degraded by another worker): decided again, and not claimed to be a replay.
+            return response
         shadow_verdict: tuple[str, float, str] | None = None
         if shadow is not None and self._budget_s(started, context) > SHADOW_MIN_S:
             shadow_score = shadow.model.score(row)
@@ -395,21 +424,41 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             )
         return response
 
-    def _replay(self, velocity: CheckVelocity, facts: RefundFacts) -> pb.CheckResponse | None:
-        """The stored answer for a retry, or ALREADY_EXISTS for a reused refund_id."""
-        if velocity.status == Status.CONFLICT:
-            if velocity.counted:  # entities the original did not touch counted it
-                task = asyncio.get_running_loop().create_task(
-                    self.store.undo(facts, velocity.counted, EVENTS_TIMEOUT_S)
-                )
-                task.add_done_callback(_log_failure)
+    def _replay(
+        self, request: pb.CheckRequest, velocity: CheckVelocity | None, facts: RefundFacts
+    ) -> pb.CheckResponse | None:
+        """The answer first given to this refund, if known (Redis's, else this process's own
+        degraded one), or ALREADY_EXISTS for a reused refund_id; None: decide it now."""
+        if velocity is not None and velocity.status == Status.CONFLICT:
+            self._undo(facts, velocity.counted)
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, REUSED_ID)
-        if velocity.stored_reply is None:
-            return None
+        blob = velocity.stored_reply if velocity is not None else None
+        if blob is None:
+            mine = self.answers.recall(facts.refund)
+            if mine is None:
+                return None
+            if mine.fingerprint != facts.fingerprint:
+                self._undo(facts, velocity.counted if velocity is not None else [])
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS, REUSED_ID)
+            blob = mine.response
+            if velocity is None or velocity.status is None:
+                # Redis cannot say whether an answer was given before ours (by another worker,
+                # before the outage): the same answer again, but not claimed to be a replay.
+                answer = pb.CheckResponse.FromString(blob)
+                answer.refund_id = request.refund_id
+                return answer
+            self.store.store_reply(facts, blob)  # ours is the first Redis heard of: keep it
         self.metrics.replays.add(1)
-        stored = pb.CheckResponse.FromString(velocity.stored_reply)
+        stored = pb.CheckResponse.FromString(blob)
+        stored.refund_id = request.refund_id
         stored.replayed = True
         return stored
+
+    def _undo(self, facts: RefundFacts, counted: list[str]) -> None:
+        """Take back, off the hot path, what a reused refund_id's request counted."""
+        if counted:
+            task = asyncio.get_running_loop().create_task(self.store.undo(facts, counted, EVENTS_TIMEOUT_S))
+            task.add_done_callback(_log_failure)
 
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: grpc.aio.ServicerContext

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gate.redisclient import RedisTarget, TlsOptions
+
 DEV_ID_KEY = "refund-gate-dev-key-not-secret"
 """Key for hashing ids before they reach Redis. Fine for a laptop, never for production:
 set ``GATE_ID_HASH_KEY`` to a secret so that a Redis dump cannot be joined back to account ids."""
@@ -42,8 +44,19 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
     "Redis": (
         "the velocity store, the stored replies and the decision log",
         {
-            "redis_url": "the velocity store: redis://[:password@]host:port/db",
+            "redis_url": "redis[s]://[:password@]host:port/db or redis[s]+cluster://host:port,...",
             "redis_connect_timeout_ms": "time allowed to open a Redis connection",
+            "redis_tls_ca_file": "CA bundle that verifies the Redis server (rediss://)",
+            "redis_tls_cert_file": "client certificate for mutual TLS (with the key file)",
+            "redis_tls_key_file": "private key of the client certificate",
+            "redis_tls_server_name": "server name to verify instead of the URL's host",
+            "redis_tls_verify": "verify the server's certificate (off only for tests)",
+            "redis_allow_plaintext_password": "allow a password over plain redis:// off this host",
+            "redis_cluster_refresh_s": "how often the cluster's slot map is re-read",
+            "velocity_health_interval_s": "interval over which the degraded share is judged",
+            "velocity_health_degraded_share": "share of degraded Checks that turns velocity NOT_SERVING",
+            "degraded_answers_max": "degraded answers kept per worker so retries get the same",
+            "outage_journal_max": "refunds decided during an outage kept to count afterwards",
             "breaker_failures": "consecutive Redis failures that open the circuit breaker",
             "key_prefix": "prefix of every Redis key",
             "id_hash_key": "secret key hashing ids in Redis keys; set one in production",
@@ -116,8 +129,66 @@ class Settings:
     redis_url: str = field(
         default="redis://127.0.0.1:6379/0",
         metadata=_meta(
-            "Redis holding the velocity counters and stored replies (redis://[:password@]host:port/db).",
+            "Redis holding the velocity counters and stored replies: redis://[:password@]host:port/db, "
+            "rediss:// (TLS), unix:///path, or a cluster: redis+cluster://host:port[,host:port...] "
+            "(rediss+cluster:// with TLS).",
             secret=True,
+        ),
+    )
+    redis_tls_ca_file: str = field(
+        default="",
+        metadata=_meta("rediss://: CA certificates (PEM) to verify Redis with; empty: the system's."),
+    )
+    redis_tls_cert_file: str = field(
+        default="", metadata=_meta("rediss://: client certificate (PEM), for Redis's tls-auth-clients.")
+    )
+    redis_tls_key_file: str = field(
+        default="", metadata=_meta("rediss://: the client certificate's private key (PEM).")
+    )
+    redis_tls_server_name: str = field(
+        default="",
+        metadata=_meta("rediss://: name expected in Redis's certificate (and sent as SNI); empty: the host."),
+    )
+    redis_tls_verify: bool = field(
+        default=True,
+        metadata=_meta(
+            "rediss://: verify Redis's certificate and name. Off only for a lab: anyone can listen."
+        ),
+    )
+    redis_allow_plaintext_password: bool = field(
+        default=False,
+        metadata=_meta(
+            "Allow sending the Redis password unencrypted (redis://) to an address off this host; "
+            "otherwise such a URL is refused at start."
+        ),
+    )
+    redis_cluster_refresh_s: float = field(
+        default=10.0,
+        metadata=_meta(
+            "Cluster: how often the slot map is read again when all is well (at once on MOVED, "
+            "and within a second while a node is down)."
+        ),
+    )
+    velocity_health_interval_s: float = field(
+        default=1.0,
+        metadata=_meta("Interval over which the share of degraded Checks is judged (and logged if bad)."),
+    )
+    velocity_health_degraded_share: float = field(
+        default=0.5,
+        metadata=_meta(
+            "Share of an interval's Checks degraded by Redis at which the velocity health entry "
+            "turns NOT_SERVING (also while any node's circuit breaker is open)."
+        ),
+    )
+    degraded_answers_max: int = field(
+        default=100_000,
+        metadata=_meta("Answers given degraded that each worker remembers, so their retries get them again."),
+    )
+    outage_journal_max: int = field(
+        default=100_000,
+        metadata=_meta(
+            "Refunds decided without Redis that each worker keeps to count once Redis is back; "
+            "past it the oldest are dropped (and counted)."
         ),
     )
     redis_connect_timeout_ms: float = field(
@@ -301,11 +372,35 @@ class Settings:
 
         host, _, port = self.listen.rpartition(":")
         need(bool(host) and port.isdigit(), "listen", "must be host:port")
+        try:
+            target = self.redis_target()
+        except ValueError as exc:
+            problems.append(f"{describe_setting('redis_url')}: {exc}")
+        else:
+            exposed = [a.name for a in target.seeds if a.plaintext_password]
+            need(
+                not exposed,
+                "redis_url",
+                f"would send its password in plaintext to {exposed[0] if exposed else ''}; use rediss:// "
+                f"(or set {describe_setting('redis_allow_plaintext_password')})",
+            )
+        for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+            path = getattr(self, name)
+            need(not path or Path(path).is_file(), name, "must name an existing file")
         need(
-            urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),
-            "redis_url",
-            "must start with redis://, rediss:// or unix://",
+            bool(self.redis_tls_cert_file) == bool(self.redis_tls_key_file),
+            "redis_tls_key_file",
+            f"and {describe_setting('redis_tls_cert_file')} go together",
         )
+        need(self.redis_cluster_refresh_s > 0, "redis_cluster_refresh_s", "must be > 0")
+        need(self.velocity_health_interval_s > 0, "velocity_health_interval_s", "must be > 0")
+        need(
+            0 < self.velocity_health_degraded_share <= 1,
+            "velocity_health_degraded_share",
+            "must be within (0, 1]",
+        )
+        need(self.degraded_answers_max >= 1, "degraded_answers_max", "must be >= 1")
+        need(self.outage_journal_max >= 1, "outage_journal_max", "must be >= 1")
         need(self.workers >= 1, "workers", "must be >= 1")
         need(self.event_loop in EVENT_LOOPS, "event_loop", f"must be one of {', '.join(EVENT_LOOPS)}")
         if need(1.0 <= self.budget_ms <= 10_000, "budget_ms", "must be within 1..10000"):
@@ -382,6 +477,19 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+    def redis_target(self) -> RedisTarget:
+        """The parsed Redis URL with the TLS settings (raises ValueError naming the problem)."""
+        tls = TlsOptions(
+            ca_file=self.redis_tls_ca_file or None,
+            cert_file=self.redis_tls_cert_file or None,
+            key_file=self.redis_tls_key_file or None,
+            server_name=self.redis_tls_server_name or None,
+            verify=self.redis_tls_verify,
+        )
+        return RedisTarget.from_url(
+            self.redis_url, tls, allow_plaintext_password=self.redis_allow_plaintext_password
+        )
 
     @property
     def uses_dev_key(self) -> bool:

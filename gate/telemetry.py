@@ -128,6 +128,7 @@ class Instruments:
     model_loads: Counter
     shadow: Counter
     decision_log_dropped: Counter
+    outage_journal: Counter
 
 
 class Telemetry:
@@ -292,6 +293,10 @@ def _instruments(meter: Meter) -> Instruments:
             "refundgate.decision_log.dropped",
             description="Decisions not written to the decision log (queue full or Redis down)",
         ),
+        outage_journal=meter.create_counter(
+            "refundgate.outage_journal",
+            description="Refunds decided without Redis: journaled, replayed into Redis, dropped (full)",
+        ),
     )
 
 
@@ -306,6 +311,8 @@ def _announce_series(m: Instruments) -> None:
         m.redis_errors.add(0, {"kind": kind})
     for counter in (m.shed, m.breaker_opens, m.decision_log_dropped, m.replays):
         counter.add(0)
+    for event in ("journaled", "replayed", "dropped"):
+        m.outage_journal.add(0, {"event": event})
 
 
 def announce_model(m: Instruments, version: str) -> None:

@@ -45,9 +45,6 @@ from enum import IntEnum
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import hiredis
-
-from gate.breaker import CircuitBreaker
 from gate.features import (
     F_BNPL,
     F_CM_UNRETURNED,
@@ -57,7 +54,8 @@ from gate.features import (
     F_RETURNED,
     Source,
 )
-from gate.redisclient import Command, RedisConnection, RedisError, RedisReplyError, RedisUnavailable
+from gate.redisclient import Command, RedisError, RedisReplyError
+from gate.redisdriver import RedisDriver
 from refundgate.v1 import refund_gate_pb2 as pb
 
 if TYPE_CHECKING:
@@ -580,19 +578,17 @@ class VelocityStore:
 
     def __init__(
         self,
-        conn: RedisConnection,
+        driver: RedisDriver,
         *,
         prefix: str,
         hasher: IdHasher,
         replay_ttl_s: int,
-        breaker: CircuitBreaker | None = None,
         outcomes: OutcomeLog | None = None,
     ) -> None:
-        self.conn = conn
+        self.driver = driver  # breakers, script reloads and cluster routing are the driver's
         self.keys = Keys(prefix)
         self.hash = hasher
         self.replay_ttl_ms = replay_ttl_s * 1000
-        self.breaker = breaker
         self.outcomes = outcomes  # REFUND_OUTCOME events are appended there too (decisions join them)
 
     def refund_facts(self, req: pb.CheckRequest, at_s: float, flags: int) -> RefundFacts:
@@ -734,14 +730,14 @@ class VelocityStore:
             named.append(("ip", self._entity_commands("i", f.ip, f)))
         named.append(("merchant", (self._merchant_refund_command(f), ("GET", self.keys.ring(f.merchant)))))
         refund_key = ("SET", self.keys.refund(f.refund), f.marker, "NX", "GET", "PX", self.replay_ttl_ms)
-        replies = await self._guarded([refund_key, *(cmd for _, pair in named for cmd in pair)], timeout_s)
+        replies = await self.driver.call([refund_key, *(cmd for _, pair in named for cmd in pair)], timeout_s)
         result = CheckVelocity(
             stored_reply=None,
             status=None,
             counters={"account": None, "device": None, "ip": None, "merchant": None},
         )
         previous = replies[0]
-        if isinstance(previous, hiredis.ReplyError):
+        if isinstance(previous, Exception):  # an error reply, or its node could not answer
             result.failed.append("account")  # no verdict on retries: decide as degraded
         elif previous is None:
             result.status = Status.COUNTED
@@ -752,7 +748,7 @@ class VelocityStore:
             result.status = Status.CONFLICT
         for i, (source, _) in enumerate(named):
             first, second = replies[1 + 2 * i], replies[2 + 2 * i]
-            if isinstance(first, hiredis.ReplyError) or isinstance(second, hiredis.ReplyError):
+            if isinstance(first, Exception) or isinstance(second, Exception):
                 if source not in result.failed:
                     result.failed.append(source)
                 continue
@@ -774,9 +770,21 @@ class VelocityStore:
                 result.counted.append(source)
             if source != "account" or result.status in (Status.COUNTED, Status.DUPLICATE):
                 result.counters[source] = counters
-        if result.failed and self.breaker is not None:
-            self.breaker.record_failure()  # a script erroring on every call must open it too
         return result
+
+    async def count_late(self, f: RefundFacts, answer: bytes, timeout_s: float) -> Status:
+        """Count a refund decided while Redis was unavailable (the outage journal) at its own
+        time, and keep its answer for retries unless an answer is stored already. Idempotent
+        by refund id, like every write here. Raises RedisError unless every entity took it."""
+        velocity = await self.record_and_read(f, timeout_s)
+        if velocity.status is None or not velocity.complete:
+            raise RedisReplyError("the late refund was not counted everywhere")
+        if velocity.status == Status.CONFLICT:
+            if velocity.counted:
+                await self.undo(f, velocity.counted, timeout_s)
+        elif velocity.stored_reply is None:
+            self.store_reply(f, answer)
+        return velocity.status
 
     async def undo(self, f: RefundFacts, sources: Sequence[str], timeout_s: float) -> None:
         """Take back a refund the scripts of ``sources`` counted under a reused refund id: a
@@ -799,17 +807,18 @@ class VelocityStore:
         if "merchant" in sources:
             commands.append(self._merchant_refund_command(f, op="u"))
         if commands:
-            await self._call_scripts(commands, timeout_s)
+            await self.driver.call(commands, timeout_s)
 
     def store_reply(self, f: RefundFacts, response: bytes) -> bool:
         """Keep a serialized answer for retries over the refund's key (after its marker, so a
-        retry still recognises its content), fire and forget: it rides in the next flush.
+        retry still recognises its content), fire and forget: it rides in the next flush. The
+        answer holds no raw identifier (the gate fills them from the request on replay).
 
-        Best effort: if it is lost, a retry finds its refund already counted and recomputes the
-        same decision (same windows, same decision id), so nothing is counted twice.
+        Best effort: if it is lost, a retry finds its refund already counted and, not knowing
+        the answer, decides again (``replayed=false``); nothing is counted twice.
         """
         try:
-            future = self.conn.send(
+            future = self.driver.send(
                 [("SET", self.keys.refund(f.refund), f.marker + response, "XX", "KEEPTTL")], urgent=False
             )
         except RedisError:
@@ -827,9 +836,9 @@ class VelocityStore:
         for ev, at_s in zip(events, times_s, strict=True):
             primary.append(len(commands))
             commands.extend(self._event_commands(ev, int(at_s * 1000)))
-        replies = await self._guarded(commands, timeout_s)
+        replies = await self.driver.call(commands, timeout_s)
         for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
+            if isinstance(reply, Exception):
                 raise RedisReplyError(f"event script failed: {reply}")
         return [Status(replies[i]) for i in primary]
 
@@ -902,46 +911,6 @@ class VelocityStore:
                 f"#{counter}",
             )
         return [script, *others]
-
-    async def _guarded(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
-        """Call through the circuit breaker: refused at once while it is open."""
-        breaker = self.breaker
-        if breaker is None:
-            return await self._call_scripts(commands, timeout_s)
-        if not breaker.allow():
-            raise RedisUnavailable("circuit breaker open")
-        try:
-            replies = await self._call_scripts(commands, timeout_s)
-        except RedisError:
-            breaker.record_failure()
-            raise
-        breaker.record_success()
-        return replies
-
-    async def _call_scripts(self, commands: Sequence[Command], timeout_s: float) -> list[Any]:
-        """Send a batch; if Redis lost the scripts (restart, SCRIPT FLUSH) load them and resend
-        the commands that failed for it, and the reads after the first of them (a read after a
-        script must see its write), but no other write: the refund key's SET NX must not run
-        twice. Resending a script is safe: each is idempotent for the same refund or event.
-        """
-        replies = await self.conn.call(commands, timeout_s)
-        lost = [
-            i
-            for i, r in enumerate(replies)
-            if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")
-        ]
-        if lost:
-            lost += [
-                i for i in range(lost[0] + 1, len(commands)) if commands[i][0] in _READS and i not in lost
-            ]
-            lost.sort()
-            again = await self.conn.call([*LOAD_SCRIPTS, *(commands[i] for i in lost)], timeout_s)
-            for i, reply in zip(lost, again[len(LOAD_SCRIPTS) :], strict=True):
-                replies[i] = reply
-        return replies
-
-
-_READS = frozenset({"GET", "MGET"})
 
 
 def _bucket_ttl(at_ms: int, span_ms: int, buckets: int) -> int:

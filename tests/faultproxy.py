@@ -29,6 +29,8 @@ class FaultProxy:
         self.port = 0
         self.mode = "pass"
         self.latency_s = 0.0
+        self.record = False  # keep every byte sent upstream in ``recorded``
+        self.recorded = bytearray()
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -76,16 +78,22 @@ class FaultProxy:
             return
         self._writers.update((writer, up_writer))
         await asyncio.gather(
-            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+            self._pump(reader, up_writer, upstream=True),
+            self._pump(up_reader, writer),
+            return_exceptions=True,
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
             with contextlib.suppress(Exception):
                 w.close()
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool = False
+    ) -> None:
         try:
             while data := await src.read(65536):
+                if upstream and self.record:
+                    self.recorded += data
                 await self._flowing.wait()
                 if self.mode == "latency":
                     await asyncio.sleep(self.latency_s)

@@ -199,10 +199,10 @@ def test_a_deadline_too_short_for_redis_gets_an_immediate_degraded_decision(
         with grpc.insecure_channel(gate.target) as channel:
             stub = pb_grpc.RefundGateStub(channel)
             stub.Check(make_request(refund_id="rf:warm", order_id="o:warm"), timeout=5)
-            keys_before = rig.redis.client().dbsize()
             resp = stub.Check(make_request(refund_id="rf:short", order_id="o:short"), timeout=0.300)
     finally:
         gate.stop()
+    # Redis is healthy here: degraded means the Check did not wait for it (the outage journal
+    # counts the refund afterwards, off the hot path).
     assert resp.degraded
     assert "FEATURES_UNAVAILABLE" in {r.code for r in resp.reasons}
-    assert rig.redis.client().dbsize() == keys_before  # Redis was never asked

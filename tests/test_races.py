@@ -121,14 +121,23 @@ async def flap(proxy: FaultProxy, stop: asyncio.Event) -> int:
     return flaps
 
 
-async def check_until_counted(stub: pb_grpc.RefundGateStub, req: pb.CheckRequest) -> pb.CheckResponse:
-    """A caller's retry loop: the same request until an answer that is not degraded."""
-    for _ in range(200):
-        resp = await stub.Check(req, timeout=5)
-        if not resp.degraded:
-            return resp
-        await asyncio.sleep(0.01)
-    raise AssertionError("never got a non-degraded answer")
+def counts_match(client: redis.Redis, order: list[int]) -> bool:
+    """True when every account, device, IP and merchant holds each of its refunds once."""
+    expected: dict[str, Counter[str]] = {k: Counter() for k in ("a", "d", "i", "m")}
+    for i in set(order):
+        req = refund(i)
+        expected["a"][req.account_id] += 1
+        expected["d"][req.device_id] += 1
+        expected["i"][req.ip] += 1
+        expected["m"][req.merchant_id] += 1
+    for account, n in expected["a"].items():
+        if logged(client, "a", _hash("a", account), ACCOUNT_RECORD, REFUND) != n:
+            return False
+    for kind in ("d", "i"):
+        for entity, n in expected[kind].items():
+            if logged(client, kind, _hash(kind, entity), ENTITY_RECORD, REFUND) != n:
+                return False
+    return all(merchant_count(client, m, M_REFUNDS) == n for m, n in expected["m"].items())
 
 
 async def test_checks_count_each_refund_once_through_flaps(rig: tuple) -> None:
@@ -144,38 +153,28 @@ async def test_checks_count_each_refund_once_through_flaps(rig: tuple) -> None:
             first_pass += await asyncio.gather(*(stub.Check(refund(i), timeout=5) for i in batch))
         stop.set()
         flaps = await flapper
-        callers = asyncio.Semaphore(BATCH)
-
-        async def settle(i: int) -> pb.CheckResponse:
-            async with callers:
-                return await check_until_counted(stub, refund(i))
-
-        final = await asyncio.gather(*(settle(i) for i in sorted(set(order))))
+        # Every refund retried once Redis is steady: it gets the answer it was first given.
+        retries = []
+        distinct = sorted(set(order))
+        for start in range(0, len(distinct), BATCH):
+            batch = distinct[start : start + BATCH]
+            retries += await asyncio.gather(*(stub.Check(refund(i), timeout=5) for i in batch))
 
     assert flaps >= 3, "the storm must actually flap Redis"
     assert any(r.degraded for r in first_pass), "some calls must have met the flaps"
-    decided: dict[str, set[str]] = defaultdict(set)
-    for resp in [*first_pass, *final]:
-        if not resp.degraded:
-            decided[resp.refund_id].add(resp.decision_id)
-    assert all(len(ids) == 1 for ids in decided.values()), "one refund, one decision id"
-
+    given: dict[str, set[tuple[int, str]]] = defaultdict(set)  # answers not claimed as replays
+    replayed: dict[str, set[tuple[int, str]]] = defaultdict(set)
+    for resp in [*first_pass, *retries]:
+        (replayed if resp.replayed else given)[resp.refund_id].add((resp.decision, resp.decision_id))
+    for refund_id, answers in replayed.items():  # one answer replayed, and one that was given
+        assert len(answers) == 1 and answers <= given[refund_id], refund_id
+    assert sum(r.replayed for r in retries) >= 0.9 * len(retries)
+    # Refunds decided while Redis flapped are counted by the outage journal once it is steady.
     client = redis.client()
-    expected: dict[str, Counter[str]] = {k: Counter() for k in ("a", "d", "i", "m")}
-    for i in set(order):
-        req = refund(i)
-        expected["a"][req.account_id] += 1
-        expected["d"][req.device_id] += 1
-        expected["i"][req.ip] += 1
-        expected["m"][req.merchant_id] += 1
-    for account, n in expected["a"].items():
-        assert logged(client, "a", _hash("a", account), ACCOUNT_RECORD, REFUND) == n, account
-    for kind in ("d", "i"):
-        for entity, n in expected[kind].items():
-            h = _hash(kind, entity)
-            assert logged(client, kind, h, ENTITY_RECORD, REFUND) == n, entity
-    for merchant, n in expected["m"].items():
-        assert merchant_count(client, merchant, M_REFUNDS) == n, merchant
+    deadline = time.monotonic() + 15
+    while not counts_match(client, order):
+        assert time.monotonic() < deadline, "counts never settled to each refund once"
+        await asyncio.sleep(0.1)
 
 
 def order_event(i: int) -> pb.Event:

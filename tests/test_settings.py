@@ -39,11 +39,11 @@ def test_invalid_values_are_refused_at_start() -> None:
 
 def test_describe_masks_secrets() -> None:
     s = Settings.from_env(
-        {"GATE_REDIS_URL": "redis://:hunter2@db:6379/0", "GATE_ID_HASH_KEY": "a-very-secret-production-key"}
+        {"GATE_REDIS_URL": "rediss://:hunter2@db:6379/0", "GATE_ID_HASH_KEY": "a-very-secret-production-key"}
     )
     shown = s.describe()
     assert "hunter2" not in str(shown) and "a-very-secret" not in str(shown)
-    assert shown["redis_url"] == "redis://:***@db:6379/0"
+    assert shown["redis_url"] == "rediss://:***@db:6379/0"
     assert not s.uses_dev_key
 
 

@@ -12,7 +12,8 @@ import redis
 
 from gate.devredis import RedisProcess
 from gate.features import F_DIGITAL_QUICK, F_INR, F_RETURNED
-from gate.redisclient import RedisAddress, RedisConnection
+from gate.redisclient import RedisAddress
+from gate.redisdriver import SingleNodeDriver
 from gate.velocity import (
     ACCOUNT_BUCKET_MS,
     ACCOUNT_BUCKETS,
@@ -37,8 +38,8 @@ DAY = 86400.0
 
 @pytest_asyncio.fixture
 async def store(redis_proc: RedisProcess, rdb: redis.Redis) -> AsyncIterator[VelocityStore]:
-    conn = RedisConnection(
-        RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS, connect_timeout_s=5.0
+    conn = SingleNodeDriver(
+        RedisAddress.from_url(redis_proc.url), scripts=LOAD_SCRIPTS, connect_timeout_s=5.0
     )  # a loaded CI box may be slow to connect
     await conn.connect()
     yield VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20), replay_ttl_s=3600)
@@ -57,13 +58,13 @@ async def read(store: VelocityStore, f: RefundFacts) -> dict[str, dict[str, int]
 
 async def test_one_round_trip_per_check(store: VelocityStore, monkeypatch: pytest.MonkeyPatch) -> None:
     batches: list[int] = []
-    real_call = store.conn.call
+    real_call = store.driver.call
 
     async def counting_call(commands: Any, timeout_s: float) -> list[Any]:
         batches.append(len(commands))
         return await real_call(commands, timeout_s)
 
-    monkeypatch.setattr(store.conn, "call", counting_call)
+    monkeypatch.setattr(store.driver, "call", counting_call)
     await store.record_and_read(facts(store), 2.0)
     # the refund key; an MGET and a script each for the account, device and IP; the merchant's
     # script and ring
@@ -145,8 +146,8 @@ async def test_racing_duplicates_on_many_connections_count_once(
 ) -> None:
     stores = []
     for _ in range(5):
-        conn = RedisConnection(
-            RedisAddress.from_url(redis_proc.url), on_connect=LOAD_SCRIPTS, connect_timeout_s=5.0
+        conn = SingleNodeDriver(
+            RedisAddress.from_url(redis_proc.url), scripts=LOAD_SCRIPTS, connect_timeout_s=5.0
         )  # a loaded CI box may be slow to connect
         await conn.connect()
         stores.append(VelocityStore(conn, prefix="rg", hasher=IdHasher("k" * 20), replay_ttl_s=3600))
@@ -155,7 +156,7 @@ async def test_racing_duplicates_on_many_connections_count_once(
         results = await asyncio.gather(*(stores[i % 5].record_and_read(f, 2.0) for i in range(50)))
     finally:
         for s in stores:
-            await s.conn.close()
+            await s.driver.close()
     assert sum(r.status == Status.COUNTED for r in results) == 1
     c = await read(store, facts(store, refund_id="rf:probe", order_id="o:p"))
     assert all(c[s]["refunds_24h"] == 2 for s in ("account", "device", "ip", "merchant"))
@@ -201,7 +202,7 @@ async def test_every_key_expires_and_ids_are_hashed(store: VelocityStore, rdb: r
     )
     await store.record_events([ev], [NOW], 2.0)
     store.store_reply(f, b"payload")
-    await store.conn.call([("PING",)], 2.0)
+    await store.driver.call([("PING",)], 2.0)
     keys = rdb.keys("*")
     assert len(keys) >= 9
     for key in keys:
