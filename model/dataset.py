@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gate.redisclient import RedisAddress, RedisConnection
+from gate.redisclient import RedisAddress
+from gate.redisdriver import SingleNodeDriver
 from gate.service import observe, prepare
 from gate.validation import validate_check, validate_events
 from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
@@ -79,7 +80,9 @@ async def build_dataset(
     """Replay ``records`` (time-ordered) through the gate against the Redis at ``redis_url``,
     then label each refund from the outcomes the records hold up to ``as_of`` (the end of the
     export; default: its last record) with ``maturity_days`` (model/labels.py)."""
-    conn = RedisConnection(RedisAddress.from_url(redis_url), connect_timeout_s=5.0, on_connect=LOAD_SCRIPTS)
+    conn = SingleNodeDriver(
+        RedisAddress.from_url(redis_url), scripts=LOAD_SCRIPTS, connect_timeout_s=5.0, probe_timeout_s=5.0
+    )
     await conn.connect()
     store = VelocityStore(conn, prefix="train", hasher=IdHasher(id_hash_key), replay_ttl_s=86400)
     rows: list[list[float]] = []
