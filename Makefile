@@ -49,9 +49,10 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out bench-results/bench.json
 
-## Simulate traffic, build the training set through the gate's own code, train, bundle.
+## Train a bundle beside the committed one: on history files (make train RECORDS="a.jsonl b.jsonl.gz",
+## model/README.md) or, without RECORDS, on the simulator. ARGS passes more flags (--out, --reports ...).
 train: $(STAMP)
-	$(BIN)/python -m model.train
+	$(BIN)/python -m model.train $(if $(RECORDS),--records $(RECORDS)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
