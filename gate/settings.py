@@ -7,6 +7,7 @@ printed once (secrets masked). Nothing else in the package reads the environment
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -158,13 +159,6 @@ class Settings:
             "Traces and metrics (exported only as OTEL_* configures). Off only to measure their cost."
         ),
     )
-    admin_listen: str = field(
-        default="127.0.0.1:9464",
-        metadata=_meta(
-            "host:port of the admin HTTP endpoint (Prometheus /metrics); empty disables it. With "
-            "several workers, worker i listens on port + i."
-        ),
-    )
     decision_log: bool = field(
         default=True,
         metadata=_meta(
@@ -178,8 +172,40 @@ class Settings:
         default=10_000,
         metadata=_meta("Decisions waiting to be written; beyond it they are dropped and counted."),
     )
+    # --- Deployment: listeners beside the service, shutdown (docs/DEPLOY.md) -----------------
+    metrics_listen: str = field(
+        default="127.0.0.1:9464",
+        metadata=_meta(
+            "host:port of the Prometheus /metrics HTTP endpoint (read-only: no ids, no paths); "
+            "empty disables it. With several workers, worker i listens on port + i."
+        ),
+    )
+    admin_listen: str = field(
+        default="127.0.0.1:50052",
+        metadata=_meta(
+            "host:port of the GateAdmin gRPC listener, never the refund-facing port; empty disables "
+            "it. Off loopback it needs admin_token. With several workers, worker i listens on port + i."
+        ),
+    )
+    admin_token: str = field(
+        default="",
+        metadata=_meta(
+            "Bearer token every GateAdmin call must send ('authorization: Bearer <token>'), at "
+            "least 16 characters; required when admin_listen is off loopback.",
+            secret=True,
+        ),
+    )
+    drain_s: float = field(
+        default=5.0,
+        metadata=_meta(
+            "On SIGTERM: health turns NOT_SERVING at once and calls are still answered this long, "
+            "so load balancers and Kubernetes endpoints stop sending before the listener closes "
+            "(SIGINT, or a second signal, skips it)."
+        ),
+    )
     grace_s: float = field(
-        default=5.0, metadata=_meta("On SIGTERM: time given to in-flight calls before the server stops.")
+        default=5.0,
+        metadata=_meta("After the drain: time given to in-flight calls before the server stops."),
     )
     log_level: str = field(default="INFO", metadata=_meta("Log level of the gate's JSON logs."))
 
@@ -238,8 +264,7 @@ class Settings:
             problems.append("admission_sample_ms must be within 0.1..1000")
         if not self.admission_sample_ms <= self.admission_window_ms <= 60_000:
             problems.append("admission_window_ms must be within admission_sample_ms..60000")
-        if self.admin_listen and not self.admin_listen.rpartition(":")[2].isdigit():
-            problems.append("admin_listen must be host:port or empty")
+        problems += self._deployment_problems()
         if self.decision_log_maxlen < 1000 or self.decision_log_queue < 1:
             problems.append("decision_log_maxlen must be >= 1000 and decision_log_queue >= 1")
         if self.max_message_bytes < 1024:
@@ -248,6 +273,28 @@ class Settings:
             problems.append("degraded_approve_below_minor must be >= 0")
         if problems:
             raise SettingsError("invalid settings: " + "; ".join(problems))
+
+    def _deployment_problems(self) -> list[str]:
+        problems: list[str] = []
+        for name in ("metrics_listen", "admin_listen"):
+            value = getattr(self, name)
+            if value and not (value.rpartition(":")[0] and value.rpartition(":")[2].isdigit()):
+                problems.append(f"{name} must be host:port or empty")
+        if self.admin_token and len(self.admin_token) < 16:
+            problems.append("admin_token must be at least 16 characters")
+        if self.admin_listen and not self.admin_token and not is_loopback(self.admin_listen):
+            problems.append(
+                f"admin_listen {self.admin_listen} is off loopback: set admin_token (GATE_ADMIN_TOKEN) "
+                "or listen on 127.0.0.1"
+            )
+        ports = [p for p in (_port(self.listen), _port(self.metrics_listen), _port(self.admin_listen)) if p]
+        if len(ports) != len(set(ports)):
+            problems.append("listen, metrics_listen and admin_listen must use different ports")
+        if not 0 <= self.drain_s <= 300:
+            problems.append("drain_s must be within 0..300")
+        if not 0 <= self.grace_s <= 300:
+            problems.append("grace_s must be within 0..300")
+        return problems
 
     def describe(self) -> dict[str, Any]:
         """Effective settings for the start-up log, secrets masked."""
@@ -271,7 +318,25 @@ class Settings:
         return self.id_hash_key == DEV_ID_KEY
 
 
+def is_loopback(address: str) -> bool:
+    """True when ``host:port`` listens on a loopback address only (127.0.0.0/8, ::1, localhost)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
+def _port(address: str) -> int:
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
+
+
 def _mask(name: str, value: Any) -> str:
+    if not value:
+        return ""
     if name == "redis_url":
         parts = urlsplit(str(value))
         if parts.password:
