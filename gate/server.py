@@ -126,25 +126,29 @@ class StartupError(Exception):
     the operator sees, naming the address and the setting."""
 
 
-def bind_error(setting: str, address: str, worker: int | None = None) -> StartupError:
+def bind_error(setting: str, address: str, worker: int = 0, problem: str | None = None) -> StartupError:
     """A StartupError for ``address`` (of ``setting``) that cannot be bound, saying why."""
     where = f"GATE_{setting.upper()}, --{setting.replace('_', '-')}"
     if worker:
         where += f"; worker {worker} listens on its port + {worker}"
-    return StartupError(f"cannot bind {address} ({where}): {_bind_problem(address)}")
+    return StartupError(f"cannot bind {address} ({where}): {problem or bind_problem(address) or 'refused'}")
 
 
-def _bind_problem(address: str) -> str:
-    """Why ``host:port`` cannot be bound, found by trying (gRPC's own error does not say)."""
+def bind_problem(address: str) -> str | None:
+    """Why ``host:port`` cannot be bound (e.g. 'address already in use'), found by trying as gRPC
+    does (SO_REUSEADDR: a port whose old connections linger is free); None when it can be.
+    Asked before gRPC binds, so that its own error log never precedes the one line."""
     host, _, port = address.rpartition(":")
-    host = host.strip("[]")
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(infos[0][4])
     except OSError as exc:
         return (exc.strerror or str(exc)).lower()
-    return "refused by gRPC"
+    return None
 
 
 def redis_problem(exc: RedisError, timeout_ms: float) -> str:
@@ -375,6 +379,9 @@ def create_gate(
         ),
         server,
     )
+    problem = None if reuse_port else bind_problem(settings.listen)  # workers: checked by serve()
+    if problem:
+        raise bind_error("listen", settings.listen, problem=problem)
     try:
         port = server.add_insecure_port(settings.listen)
     except RuntimeError:  # grpcio raises where older versions returned 0
@@ -383,6 +390,9 @@ def create_gate(
         raise bind_error("listen", settings.listen)
     admin_server, admin_port = None, 0
     if settings.admin_listen:
+        problem = bind_problem(settings.admin_listen)
+        if problem:
+            raise bind_error("admin_listen", settings.admin_listen, worker, problem)
         try:
             admin_server, admin_port = create_admin_server(
                 settings.admin_listen, settings.admin_token, holder
@@ -523,9 +533,6 @@ def run_loop(kind: str, main: Coroutine[Any, Any, None]) -> None:
 
 def _check_port_free(listen: str) -> None:
     """With SO_REUSEPORT a second gate would silently share a busy port; refuse instead."""
-    host, _, port = listen.rpartition(":")
-    with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
-        try:
-            s.bind((host.strip("[]"), int(port)))
-        except OSError:
-            raise bind_error("listen", listen) from None
+    problem = bind_problem(listen)
+    if problem:
+        raise bind_error("listen", listen, problem=problem)
