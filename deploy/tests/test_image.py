@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/refund-gate:test"
 MAX_IMAGE_BYTES = 300_000_000
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
-ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "image" / "containers.conf")}
+ENV = {
+    **os.environ,
+    "CONTAINERS_CONF": str(ROOT / "deploy" / "image" / "containers.conf"),
+    "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin",  # runc and debootstrap live there
+}
 INSTALL = "podman, runc and debootstrap are needed: apt-get install -y podman runc debootstrap (.ci/run does)"
 
 
@@ -52,7 +56,7 @@ def podman(*args: str, timeout: float = 600, check: bool = True) -> subprocess.C
 def image() -> str:
     """The image, built from the cached Debian base (say how long each part took)."""
     for tool in ("podman", "runc", "debootstrap"):
-        if shutil.which(tool) is None:
+        if shutil.which(tool, path=ENV["PATH"]) is None:
             pytest.fail(INSTALL)
     start = time.monotonic()
     base = subprocess.run(
