@@ -28,6 +28,7 @@ from gate.bundle import Bundle
 from gate.devredis import RedisProcess, free_port
 from gate.server import create_gate
 from gate.settings import Settings
+from gate.workers import Backoff
 from refundgate.v1 import refund_gate_pb2_grpc as pb_grpc
 from tests.conftest import make_request
 from tests.faultproxy import FaultProxy
@@ -326,3 +327,9 @@ def test_a_gate_without_redis_says_so_at_start_up(bundle_dir: Path) -> None:
     waits = [r for r in records if r["message"].startswith("waiting for Redis")]
     assert waits and waits[0]["level"] == "WARNING"
     assert json.dumps(records).count("Traceback") == 0
+
+
+def test_the_restart_backoff_doubles_per_quick_death_and_is_bounded() -> None:
+    backoff = Backoff(first_s=0.5, max_s=30.0)
+    assert [backoff.delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert backoff.delay(50) == 30.0
