@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := proto/refundgate/v1/refund_gate.proto proto/refundgate/v1/admin.proto
 PROTO_OUT := .
 
-.PHONY: all venv run test lint typecheck proto proto-check bench train clean
+.PHONY: all venv run test image-test lint typecheck proto proto-check bench train clean
 
 all: test
 
@@ -27,6 +27,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+## Build deploy/Containerfile with podman and run it for real (a step of .ci/run; needs podman,
+## runc and debootstrap, and root: a few minutes cold, under a minute cached).
+image-test: $(STAMP)
+	$(BIN)/python -m pytest -q -s deploy/tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

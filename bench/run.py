@@ -192,12 +192,13 @@ def gate_has(setting: str) -> bool:
 
 
 def gate_extra_flags() -> list[str]:
-    """Flags of newer gate versions, if this gate has them: admin (metrics) endpoint on free
-    ports (port 0: each worker picks one), so it never collides with another gate's."""
+    """Flags of newer gate versions, if this gate has them: metrics and admin endpoints on free
+    ports (port 0: each worker picks one), so they never collide with another gate's."""
     from gate.settings import settings_fields
 
     names = {f.name for f in settings_fields()}
-    return ["--admin-listen", "127.0.0.1:0"] if "admin_listen" in names else []
+    flags = ["--admin-listen", "127.0.0.1:0"] if "admin_listen" in names else []
+    return flags + (["--metrics-listen", "127.0.0.1:0"] if "metrics_listen" in names else [])
 
 
 def free_port() -> int:

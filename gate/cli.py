@@ -167,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gate.bundle import BundleError
     from gate.logs import setup_logging
     from gate.reloader import ModelWatcher
-    from gate.server import check_port_free, serve
+    from gate.server import serve
 
     settings = _settings_from(args)
     setup_logging(settings.log_level)
@@ -184,13 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return USAGE
     if bundle.model.fallback_reason:
         log.warning("compiled model not used", extra={"reason": bundle.model.fallback_reason})
-    try:
-        check_port_free(settings.listen)  # before gRPC core, which would log its own error
-        serve(settings, watcher)
-    except OSError as exc:  # the port is taken or cannot be bound
-        log.error("cannot serve", extra={"reason": str(exc)})
-        print(f"refund-gate: cannot serve on {settings.listen}: {exc}", file=sys.stderr)
-        return USAGE
+    serve(settings, watcher)  # an expected start-up failure: one line, exit 2 (gate/server.py)
     return OK
 
 

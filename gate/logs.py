@@ -51,6 +51,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_listeners: list[logging.handlers.QueueListener] = []
+
+
 def setup_logging(level: str) -> None:
     """Route every logger, through a queue and a writer thread, to JSON lines on stderr."""
     writer = logging.StreamHandler(sys.stderr)
@@ -60,7 +63,15 @@ def setup_logging(level: str) -> None:
     handler.addFilter(TraceContextFilter())
     listener = logging.handlers.QueueListener(records, writer, respect_handler_level=False)
     listener.start()
-    atexit.register(listener.stop)
+    _listeners.append(listener)
+    atexit.register(flush_logs)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def flush_logs() -> None:
+    """Write every queued record and stop the writer thread; for a process that ends with
+    ``os._exit`` (a forked worker), which skips ``atexit``."""
+    while _listeners:
+        _listeners.pop().stop()  # one inherited through fork has no thread here: a no-op

@@ -1,9 +1,13 @@
 """Wiring: build the gRPC server (service, health, reflection v1 and v1alpha) and run it until SIGTERM.
 
-``create_server`` is separate from ``serve`` so tests bind port 0 and get the real server.
+``create_gate`` is separate from ``serve`` so tests bind port 0 and get the real server.
 Health is NOT_SERVING until a model is loaded and Redis has answered once, SERVING after that
-(a Redis outage later degrades decisions but does not take the sidecar out of rotation), and
-NOT_SERVING again as soon as shutdown starts, so load balancers drain before the port closes.
+(a Redis outage later degrades decisions but does not take the sidecar out of rotation).
+
+Shutdown: on SIGTERM health turns NOT_SERVING at once and the gate keeps answering for
+``GATE_DRAIN_S``, so load balancers and endpoints move away first; then the listener closes and
+in-flight calls get ``GATE_GRACE_S`` to finish. SIGINT (or a second signal) skips the drain.
+GateAdmin has a listener of its own (gate/admin.py); health stays on the main port for probes.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gate.admin import create_admin_server
 from gate.admission import Admission, find_new_server, server_ids_or_none
 from gate.backoff import REDIS_BACKOFF
 from gate.bundle import Bundle
 from gate.decisionlog import DecisionLog, OutcomeLog, outcomes_key
 from gate.journal import OutageJournal
 from gate.logs import setup_logging
-from gate.redisclient import RedisError
+from gate.redisclient import RedisAddress, RedisError
 from gate.redisdriver import ClusterDriver, SingleNodeDriver, make_driver
 from gate.redishealth import RedisHealth
 from gate.reflection import enable_reflection
@@ -46,12 +51,11 @@ from gate.telemetry import (
 )
 from gate.validation import ValidationError, Violation
 from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
-from refundgate.v1 import admin_pb2, admin_pb2_grpc
+from gate.workers import FATAL_EXIT, fork_workers, restarts
 from refundgate.v1 import refund_gate_pb2 as pb
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RefundGate"].full_name
-ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GateAdmin"].full_name
 VELOCITY_HEALTH = "refundgate.v1.RefundGate/velocity"
 """Health entry of the velocity store: NOT_SERVING while a node's circuit breaker is open or most
 Checks are degraded by Redis (gate/redishealth.py). The service itself stays SERVING then: it
@@ -100,44 +104,78 @@ def _unary(
     )
 
 
-class GateAdminService(admin_pb2_grpc.GateAdminServicer):
-    """Operators' view of the gate's models."""
-
-    def __init__(self, holder: ModelHolder) -> None:
-        self.holder = holder
-
-    async def GetModelStatus(
-        self, request: admin_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
-    ) -> admin_pb2.ModelStatus:
-        """Live, shadow and previous bundles and the last refusal."""
-        h = self.holder
-        status = admin_pb2.ModelStatus(refusals=h.refusals, reloads=h.reloads)
-        for field, bundle in (("live", h.bundle), ("shadow", h.shadow), ("previous", h.previous)):
-            if bundle is not None:
-                info = getattr(status, field)
-                info.version, info.path = bundle.version, str(bundle.path)
-                info.engine, info.num_trees = bundle.model.engine, bundle.model.num_trees
-                info.hold_threshold = bundle.thresholds.hold
-                info.reject_threshold = bundle.thresholds.reject
-                info.loaded_at.FromNanoseconds(int(bundle.loaded_at * 1e9))
-        if h.last_refusal is not None:
-            r = h.last_refusal
-            status.last_refusal.path, status.last_refusal.reason = r.path, r.reason
-            status.last_refusal.at.FromNanoseconds(int(r.at * 1e9))
-        return status
-
-
 class _HealthServicer(health.aio.HealthServicer):
     """The standard health servicer; its Watch streams are told to admission control, which
-    would otherwise count each open watcher as a call held (health is never shed)."""
+    would otherwise count each open watcher as a call held (health is never shed), and they end
+    (after NOT_SERVING) when the server stops, so that they do not hold the grace period."""
 
     def __init__(self, admission: Admission) -> None:
         super().__init__()
         self.admission = admission
+        self._closing = asyncio.Event()
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
         with self.admission.stream():
-            await super().Watch(request, context)
+            watch = asyncio.ensure_future(super().Watch(request, context))
+            closing = asyncio.ensure_future(self._closing.wait())
+            try:
+                await asyncio.wait((watch, closing), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (watch, closing):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    def end_watches(self) -> None:
+        """Let every Watch stream finish with OK; statuses stay where they are."""
+        self._closing.set()
+
+
+class StartupError(Exception):
+    """An expected reason not to start (a taken port, a bad address): the message is the one line
+    the operator sees, naming the address and the setting."""
+
+
+def bind_error(setting: str, address: str, worker: int = 0, problem: str | None = None) -> StartupError:
+    """A StartupError for ``address`` (of ``setting``) that cannot be bound, saying why."""
+    where = f"GATE_{setting.upper()}, --{setting.replace('_', '-')}"
+    if worker:
+        where += f"; worker {worker} listens on its port + {worker}"
+    return StartupError(f"cannot bind {address} ({where}): {problem or bind_problem(address) or 'refused'}")
+
+
+def bind_problem(address: str) -> str | None:
+    """Why ``host:port`` cannot be bound (e.g. 'address already in use'), found by trying as gRPC
+    does (SO_REUSEADDR: a port whose old connections linger is free); None when it can be.
+    Asked before gRPC binds, so that its own error log never precedes the one line."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
+
+
+def redis_problem(exc: RedisError, timeout_ms: float) -> str:
+    """A short reason why Redis did not answer: 'connection refused', 'no answer within 200 ms'."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {timeout_ms:g} ms"
+    if isinstance(cause, OSError) and cause.errno and cause.errno > 0:
+        return os.strerror(cause.errno).lower()
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(cause or exc)
+
+
+def redis_location(address: RedisAddress) -> str:
+    """HOST:PORT (or unix:PATH) of a Redis address, without credentials."""
+    return f"unix:{address.unix_path}" if address.unix_path else f"{address.host}:{address.port}"
 
 
 MIN_REDIS = (7, 0)  # SET NX GET, PEXPIRE GT (gate/lua/*.lua)
@@ -158,7 +196,7 @@ class Gate:
     server: grpc.aio.Server
     port: int
     service: RefundGateService
-    health: health.aio.HealthServicer
+    health: _HealthServicer
     redis: SingleNodeDriver | ClusterDriver
     redis_health: RedisHealth
     journal: OutageJournal
@@ -168,6 +206,14 @@ class Gate:
     log_redis: SingleNodeDriver | ClusterDriver | None  # the decision log's own connection(s)
     watcher: ModelWatcher | None
     _tasks: list[asyncio.Task[None]]
+    admin_server: grpc.aio.Server | None = None
+    admin_port: int = 0
+    """GateAdmin's own listener (None when admin_listen is empty) and its bound port."""
+    redis_wait_log_s: float = 5.0
+    """While Redis has not answered yet: how often 'waiting for Redis' is logged."""
+    redis_where: str = ""
+    """HOST:PORT of the Redis node(s), for that log line."""
+    redis_timeout_ms: float = 0.0
 
     async def start(self) -> None:
         """Start serving and watch Redis until it answers once, then report SERVING."""
@@ -180,11 +226,15 @@ class Gate:
         self.redis_health.start()
         self.journal.start()
         await self.server.start()
+        if self.admin_server is not None:
+            await self.admin_server.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._become_ready()))
 
     async def _become_ready(self) -> None:
         backoff = REDIS_BACKOFF.start()
         warned = False
+        next_wait_log = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if not self.redis.connected:
@@ -204,9 +254,10 @@ class Gate:
                     warned = True
                 await asyncio.sleep(5.0)
             except RedisError as exc:
-                if not warned:
-                    log.warning("waiting for redis: %s", exc)
-                    warned = True
+                if loop.time() >= next_wait_log:
+                    next_wait_log = loop.time() + self.redis_wait_log_s
+                    reason = redis_problem(exc, self.redis_timeout_ms)
+                    log.warning(f"waiting for Redis at {self.redis_where} ({reason})")
                 await asyncio.sleep(backoff.next())
         await self.health.set(VELOCITY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         if self.models.bundle is not None:
@@ -226,16 +277,29 @@ class Gate:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def drain(self, drain_s: float, interrupt: asyncio.Event | None = None) -> None:
+        """Report NOT_SERVING for good, then keep answering for ``drain_s`` (less if ``interrupt``
+        is set meanwhile), so that callers and endpoints move away before the listener closes."""
+        await self.health.enter_graceful_shutdown()
+        if drain_s <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_s):
+                await (interrupt or asyncio.Event()).wait()
+
     async def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then close."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Report NOT_SERVING, stop accepting calls, let in-flight ones finish within ``grace_s``,
+        then close."""
+        await self.health.enter_graceful_shutdown()
+        self.health.end_watches()
         if self.watcher is not None:
             await self.watcher.close()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.server.stop(grace_s)
+        servers = [self.server] + ([self.admin_server] if self.admin_server is not None else [])
+        await asyncio.gather(*(server.stop(grace_s) for server in servers))
         await self.journal.close()
         if self.decision_log is not None:
             await self.decision_log.close()
@@ -251,12 +315,15 @@ def create_gate(
     *,
     reuse_port: bool = False,
     telemetry: Telemetry | None = None,
+    worker: int = 0,
 ) -> Gate:
     """Build the server on ``settings.listen`` (port 0 picks a free one).
 
     ``models`` is a watcher (hot reload of the model directory), a fixed bundle, or None (the
     gate then answers UNAVAILABLE). Without ``telemetry`` a private one is made with no
     Prometheus reader (tests build many gates in one process; that registry is process-wide).
+    GateAdmin gets its own server on ``settings.admin_listen`` unless that is empty. Raises
+    StartupError when an address cannot be bound (``worker`` only words its message).
     """
     telemetry = telemetry or Telemetry(prometheus=False)
     watcher = models if isinstance(models, ModelWatcher) else None
@@ -360,15 +427,29 @@ def create_gate(
             ),
         )
     )
-    admin_pb2_grpc.add_GateAdminServicer_to_server(GateAdminService(holder), server)
     health_servicer = _HealthServicer(admission)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
-    )
-    port = server.add_insecure_port(settings.listen)
+    enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    problem = None if reuse_port else bind_problem(settings.listen)  # workers: checked by serve()
+    if problem:
+        raise bind_error("listen", settings.listen, problem=problem)
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {settings.listen}")
+        raise bind_error("listen", settings.listen)
+    admin_server, admin_port = None, 0
+    if settings.admin_listen:
+        problem = bind_problem(settings.admin_listen)
+        if problem:
+            raise bind_error("admin_listen", settings.admin_listen, worker, problem)
+        try:
+            admin_server, admin_port = create_admin_server(
+                settings.admin_listen, settings.admin_token, holder
+            )
+        except OSError:
+            raise bind_error("admin_listen", settings.admin_listen, worker) from None
     gate = Gate(
         server=server,
         port=port,
@@ -383,50 +464,110 @@ def create_gate(
         log_redis=log_redis,
         watcher=watcher,
         _tasks=[],
+        admin_server=admin_server,
+        admin_port=admin_port,
+        redis_where=", ".join(redis_location(a) for a in target.seeds),
+        redis_timeout_ms=settings.redis_connect_timeout_ms,
     )
     redis_health.on_change = gate.on_velocity_health
     return gate
 
 
-async def _run(settings: Settings, watcher: ModelWatcher, reuse_port: bool, worker: int = 0) -> None:
-    telemetry = Telemetry(
-        prometheus=bool(settings.admin_listen) and settings.telemetry, enabled=settings.telemetry
+def worker_address(address: str, worker: int) -> str:
+    """``host:port + worker`` (each worker's own metrics and admin port); port 0 stays 0."""
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + worker if int(port) else 0}"
+
+
+def observe_worker_restarts(telemetry: Telemetry, count: int) -> None:
+    """Export how often this worker's slot was restarted (0 from start-up on)."""
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    def read(_: CallbackOptions) -> list[Observation]:
+        return [Observation(count)]
+
+    telemetry.meter.create_observable_counter(
+        "refundgate.worker.restarts",
+        callbacks=[read],
+        description="Times this worker process was restarted after it died (GATE_WORKERS > 1)",
     )
-    if settings.admin_listen and settings.telemetry:
-        host, _, port = settings.admin_listen.rpartition(":")
-        address = f"{host}:{int(port) + worker if int(port) else 0}"
-        start_prometheus_server(address)
-        log.info("metrics endpoint", extra={"address": address})
-    gate = create_gate(settings, watcher, reuse_port=reuse_port, telemetry=telemetry)
+
+
+async def _run(settings: Settings, watcher: ModelWatcher, reuse_port: bool, worker: int = 0) -> None:
+    settings = settings.replace(
+        metrics_listen=settings.metrics_listen and worker_address(settings.metrics_listen, worker),
+        admin_listen=settings.admin_listen and worker_address(settings.admin_listen, worker),
+    )
+    telemetry = Telemetry(
+        prometheus=bool(settings.metrics_listen) and settings.telemetry, enabled=settings.telemetry
+    )
+    if settings.metrics_listen and settings.telemetry:
+        try:
+            start_prometheus_server(settings.metrics_listen)
+        except OSError:
+            raise bind_error("metrics_listen", settings.metrics_listen, worker) from None
+        log.info("metrics endpoint", extra={"address": settings.metrics_listen})
+    gate = create_gate(settings, watcher, reuse_port=reuse_port, telemetry=telemetry, worker=worker)
+    if gate.admin_server is not None:
+        log.info("admin endpoint", extra={"address": settings.admin_listen, "port": gate.admin_port})
+    observe_worker_restarts(telemetry, restarts(worker))
     telemetry.m.model_loads.add(1, {"result": "loaded"})
     gc.collect()
     gc.freeze()  # start-up objects (model, tables, modules) leave the collector's scans for good
     await gate.start()
-    stop = asyncio.Event()
+    signals: list[int] = []
+    signalled = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        signalled.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down", extra={"grace_s": settings.grace_s})
+        loop.add_signal_handler(sig, on_signal, sig)
+    await signalled.wait()
+    signalled.clear()
+    # SIGTERM is an orchestrator's: drain. SIGINT is a person's (Ctrl-C): stop at once.
+    drain_s = settings.drain_s if signals[0] == signal.SIGTERM else 0.0
+    log.info("draining", extra={"drain_s": drain_s, "health": "NOT_SERVING"})
+    await gate.drain(drain_s, interrupt=signalled)
+    log.info("shutting down", extra={"grace_s": settings.grace_s, "listener": "closing"})
     await gate.stop(settings.grace_s)
     telemetry.shutdown()
 
 
 def serve(settings: Settings, watcher: ModelWatcher) -> None:
-    """Run until SIGTERM/SIGINT; with workers > 1, fork that many processes sharing the port.
+    """Run until SIGTERM/SIGINT; with workers > 1, fork that many processes sharing the port
+    and supervise them (gate/workers.py).
 
     The watcher has loaded the models already; each worker then watches the directory itself.
+    An expected start-up failure (StartupError) prints one line on stderr and exits with
+    ``FATAL_EXIT``, from this process or, through the supervisor, from any worker.
     """
-    if settings.workers == 1:
-        run_loop(settings.event_loop, _run(settings, watcher, reuse_port=False))
-        return
-    check_port_free(settings.listen)
+    try:
+        if settings.workers == 1:
+            run_loop(settings.event_loop, _run(settings, watcher, reuse_port=False))
+            return
+        check_port_free(settings.listen)
+    except StartupError as exc:
+        _exit_with(exc)
 
     def worker(i: int) -> None:
         setup_logging(settings.log_level)  # the parent's log writer thread did not fork
-        run_loop(settings.event_loop, _run(settings, watcher, reuse_port=True, worker=i))
+        try:
+            run_loop(settings.event_loop, _run(settings, watcher, reuse_port=True, worker=i))
+        except StartupError as exc:
+            _exit_with(exc)
 
-    sys.exit(fork_workers(settings.workers, worker))
+    code = fork_workers(settings.workers, worker)
+    if code:
+        log.error("gate stopped", extra={"exit_code": code})
+        raise SystemExit(code)
+
+
+def _exit_with(exc: StartupError) -> None:
+    print(f"refund-gate: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(FATAL_EXIT)
 
 
 def run_loop(kind: str, main: Coroutine[Any, Any, None]) -> None:
@@ -445,41 +586,8 @@ def run_loop(kind: str, main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
 
 
-def fork_workers(count: int, run: Callable[[int], None]) -> int:
-    """Fork ``count`` processes running ``run(i)``, forward SIGTERM/SIGINT to them, wait for all;
-    return the first non-zero exit code. Call it before any gRPC object exists in this process."""
-    children: list[int] = []
-    for i in range(count):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                run(i)
-            finally:
-                os._exit(0)
-        children.append(pid)
-
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
-    return status
-
-
 def check_port_free(listen: str) -> None:
-    """Refuse a port another process listens on: with SO_REUSEPORT a second gate would silently
-    share it, and without, gRPC core would log its own error first. (SO_REUSEADDR, as gRPC sets
-    it: connections of a previous run still in TIME_WAIT do not count.)"""
-    host, _, port = listen.rpartition(":")
-    with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host.strip("[]"), int(port)))
-        except OSError:
-            raise OSError(f"{listen} is already in use") from None
+    """With SO_REUSEPORT a second gate would silently share a busy port; refuse instead."""
+    problem = bind_problem(listen)
+    if problem:
+        raise bind_error("listen", listen, problem=problem)

@@ -7,6 +7,7 @@ printed once (secrets masked). Nothing else in the package reads the environment
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -38,7 +39,10 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "admission_sample_ms": "how often the calls held are read from gRPC core",
             "max_message_bytes": "largest request message accepted",
             "max_events_per_call": "largest RecordEvents batch",
-            "grace_s": "on SIGTERM, time given to in-flight calls",
+            "drain_s": "on SIGTERM, time answering while health says NOT_SERVING",
+            "grace_s": "then, time given to in-flight calls",
+            "admin_listen": "host:port of GateAdmin's own gRPC listener (worker i: port + i); empty: none",
+            "admin_token": "bearer token GateAdmin requires; required off loopback",
         },
     ),
     "Redis": (
@@ -91,7 +95,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
         "metrics, traces and logs (exporters: OTEL_* variables)",
         {
             "telemetry": "traces and metrics; off only to measure their cost",
-            "admin_listen": "host:port of /metrics (worker i: port + i); empty disables it",
+            "metrics_listen": "host:port of /metrics (worker i: port + i); empty disables it",
             "log_level": "level of the JSON logs",
         },
     ),
@@ -316,13 +320,6 @@ class Settings:
             "Traces and metrics (exported only as OTEL_* configures). Off only to measure their cost."
         ),
     )
-    admin_listen: str = field(
-        default="127.0.0.1:9464",
-        metadata=_meta(
-            "host:port of the admin HTTP endpoint (Prometheus /metrics); empty disables it. With "
-            "several workers, worker i listens on port + i."
-        ),
-    )
     decision_log: bool = field(
         default=True,
         metadata=_meta(
@@ -337,8 +334,40 @@ class Settings:
         default=10_000,
         metadata=_meta("Decisions waiting to be written; beyond it they are dropped and counted."),
     )
+    # --- Deployment: listeners beside the service, shutdown (docs/DEPLOY.md) -----------------
+    metrics_listen: str = field(
+        default="127.0.0.1:9464",
+        metadata=_meta(
+            "host:port of the Prometheus /metrics HTTP endpoint (read-only: no ids, no paths); "
+            "empty disables it. With several workers, worker i listens on port + i."
+        ),
+    )
+    admin_listen: str = field(
+        default="127.0.0.1:50052",
+        metadata=_meta(
+            "host:port of the GateAdmin gRPC listener, never the refund-facing port; empty disables "
+            "it. Off loopback it needs admin_token. With several workers, worker i listens on port + i."
+        ),
+    )
+    admin_token: str = field(
+        default="",
+        metadata=_meta(
+            "Bearer token every GateAdmin call must send ('authorization: Bearer <token>'), at "
+            "least 16 characters; required when admin_listen is off loopback.",
+            secret=True,
+        ),
+    )
+    drain_s: float = field(
+        default=5.0,
+        metadata=_meta(
+            "On SIGTERM: health turns NOT_SERVING at once and calls are still answered this long, "
+            "so load balancers and Kubernetes endpoints stop sending before the listener closes "
+            "(SIGINT, or a second signal, skips it)."
+        ),
+    )
     grace_s: float = field(
-        default=5.0, metadata=_meta("On SIGTERM: time given to in-flight calls before the server stops.")
+        default=5.0,
+        metadata=_meta("After the drain: time given to in-flight calls before the server stops."),
     )
     log_level: str = field(default="INFO", metadata=_meta("Log level of the gate's JSON logs."))
 
@@ -433,11 +462,7 @@ class Settings:
             )
         else:
             need(self.admission_window_ms <= 60_000, "admission_window_ms", "must be <= 60000")
-        need(
-            not self.admin_listen or self.admin_listen.rpartition(":")[2].isdigit(),
-            "admin_listen",
-            "must be host:port or empty",
-        )
+        problems += self._deployment_problems()
         need(self.decision_log_maxlen >= 1000, "decision_log_maxlen", "must be >= 1000")
         need(self.decision_log_queue >= 1, "decision_log_queue", "must be >= 1")
         need(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
@@ -461,6 +486,28 @@ class Settings:
         except KeyFileError as exc:
             return [f"{describe_setting('bundle_public_key')}: {exc}"]
         return []
+
+    def _deployment_problems(self) -> list[str]:
+        problems: list[str] = []
+        for name in ("metrics_listen", "admin_listen"):
+            value = getattr(self, name)
+            if value and not (value.rpartition(":")[0] and value.rpartition(":")[2].isdigit()):
+                problems.append(f"{describe_setting(name)} must be host:port or empty")
+        if self.admin_token and len(self.admin_token) < 16:
+            problems.append(f"{describe_setting('admin_token')} must be at least 16 characters")
+        if self.admin_listen and not self.admin_token and not is_loopback(self.admin_listen):
+            problems.append(
+                f"admin_listen {self.admin_listen} is off loopback: set admin_token (GATE_ADMIN_TOKEN) "
+                "or listen on 127.0.0.1"
+            )
+        ports = [p for p in (_port(self.listen), _port(self.metrics_listen), _port(self.admin_listen)) if p]
+        if len(ports) != len(set(ports)):
+            problems.append("listen, metrics_listen and admin_listen must use different ports")
+        if not 0 <= self.drain_s <= 300:
+            problems.append(f"{describe_setting('drain_s')} must be within 0..300")
+        if not 0 <= self.grace_s <= 300:
+            problems.append(f"{describe_setting('grace_s')} must be within 0..300")
+        return problems
 
     def describe(self) -> dict[str, Any]:
         """Effective settings for the start-up log, secrets masked."""
@@ -497,7 +544,25 @@ class Settings:
         return self.id_hash_key == DEV_ID_KEY
 
 
+def is_loopback(address: str) -> bool:
+    """True when ``host:port`` listens on a loopback address only (127.0.0.0/8, ::1, localhost)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
+def _port(address: str) -> int:
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
+
+
 def _mask(name: str, value: Any) -> str:
+    if not value:
+        return ""
     if name == "redis_url":
         parts = urlsplit(str(value))
         if parts.password:

@@ -61,16 +61,21 @@ class RunningGate:
     channel: grpc.aio.Channel
     stub: pb_grpc.RefundGateStub
     settings: Settings
+    admin_channel: grpc.aio.Channel | None = None
+    """To the gate's GateAdmin listener (None when admin_listen is empty)."""
 
 
 async def start_gate(
     settings: Settings, bundle: Bundle | ModelWatcher | None, *, ready: bool = True
 ) -> RunningGate:
-    """Start a gate on a free port; with ``ready``, return once its health says SERVING (model
-    loaded, Redis answered), so a first Check is never degraded by a slow connect."""
+    """Start a gate on a free port (its admin listener too); with ``ready``, return once its
+    health says SERVING (model loaded, Redis answered), so a first Check is never degraded."""
+    if settings.admin_listen:
+        settings = settings.replace(admin_listen=settings.admin_listen.rpartition(":")[0] + ":0")
     gate = create_gate(settings, bundle)
     await gate.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gate.port}")
+    admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{gate.admin_port}") if gate.admin_port else None
     if ready:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service=""), timeout=20
@@ -79,12 +84,14 @@ async def start_gate(
             if update.status == health_pb2.HealthCheckResponse.SERVING:
                 break
         watch.cancel()
-    return RunningGate(gate, channel, pb_grpc.RefundGateStub(channel), settings)
+    return RunningGate(gate, channel, pb_grpc.RefundGateStub(channel), settings, admin_channel)
 
 
 async def stop_gate(running: RunningGate) -> None:
-    """Close the channel and stop the gate."""
+    """Close the channels and stop the gate."""
     await running.channel.close()
+    if running.admin_channel is not None:
+        await running.admin_channel.close()
     await running.gate.stop(0.5)
 
 

@@ -140,6 +140,8 @@ def test_serve_on_a_busy_port_is_one_line(busy_port: int, bundle_dir: Path, redi
         f"127.0.0.1:{busy_port}",
         "--admin-listen",
         "",
+        "--metrics-listen",
+        "",
         "--model-dir",
         str(bundle_dir),
         "--redis-url",
@@ -149,7 +151,7 @@ def test_serve_on_a_busy_port_is_one_line(busy_port: int, bundle_dir: Path, redi
     # The JSON log lines (settings, error) go to stderr as well; the user's line is the last.
     assert "Traceback" not in out.stderr, out.stderr
     [line] = [x for x in out.stderr.splitlines() if not x.startswith("{")]
-    assert line.startswith("refund-gate: cannot serve on") and str(busy_port) in line
+    assert line.startswith("refund-gate: cannot bind") and str(busy_port) in line and "GATE_LISTEN" in line
 
 
 def test_a_missing_bundle_directory_is_one_line(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def drive_every_metric(redis_proc: RedisProcess, bundle_dir: Path, tmp_path: Pat
         bundle_dir,
         "--model-dir",
         str(models),
-        "--admin-listen",
+        "--metrics-listen",
         admin,
         "--model-poll-s",
         "0.05",

@@ -374,7 +374,7 @@ async def test_a_saturated_gate_refuses_at_once_and_serves_the_rest(
     answers come back in tens of ms instead of queueing for the rest of the run, every refusal
     is counted, and health is answered throughout."""
     admin = f"127.0.0.1:{free_port()}"
-    gate = start_gate_process(redis_proc.url, bundle_dir, "--budget-ms", "25", "--admin-listen", admin)
+    gate = start_gate_process(redis_proc.url, bundle_dir, "--budget-ms", "25", "--metrics-listen", admin)
     try:
         await closed_loop(gate.target, callers=16, seconds=0.2)  # warm-up (lazy imports, caches)
         # Median of three: one step slowed (or flattered) by a neighbour does not set the load.

@@ -65,7 +65,7 @@ def test_prometheus_series_move_with_checks(
     redis_proc: RedisProcess, rdb: redis.Redis, bundle_dir: Path
 ) -> None:
     admin = f"127.0.0.1:{free_port()}"
-    gate = start_gate_process(redis_proc.url, bundle_dir, "--admin-listen", admin)
+    gate = start_gate_process(redis_proc.url, bundle_dir, "--metrics-listen", admin)
     try:
         before = scrape(admin)
         with grpc.insecure_channel(gate.target) as channel:

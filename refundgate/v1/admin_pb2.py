@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19refundgate/v1/admin.proto\x12\rrefundgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x15GetModelStatusRequest\"\xae\x01\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12-\n\tloaded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnum_trees\x18\x05 \x01(\x05\x12\x16\n\x0ehold_threshold\x18\x06 \x01(\x01\x12\x18\n\x10reject_threshold\x18\x07 \x01(\x01\"O\n\x07Refusal\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x0bModelStatus\x12&\n\x04live\x18\x01 \x01(\x0b\x32\x18.refundgate.v1.ModelInfo\x12(\n\x06shadow\x18\x02 \x01(\x0b\x32\x18.refundgate.v1.ModelInfo\x12*\n\x08previous\x18\x03 \x01(\x0b\x32\x18.refundgate.v1.ModelInfo\x12,\n\x0clast_refusal\x18\x04 \x01(\x0b\x32\x16.refundgate.v1.Refusal\x12\x10\n\x08refusals\x18\x05 \x01(\x03\x12\x0f\n\x07reloads\x18\x06 \x01(\x03\x32_\n\tGateAdmin\x12R\n\x0eGetModelStatus\x12$.refundgate.v1.GetModelStatusRequest\x1a\x1a.refundgate.v1.ModelStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19refundgate/v1/admin.proto\x12\rrefundgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x15GetModelStatusRequest\"\xac\x01\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12-\n\tloaded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnum_trees\x18\x05 \x01(\x05\x12\x16\n\x0ehold_threshold\x18\x06 \x01(\x01\x12\x18\n\x10reject_threshold\x18\x07 \x01(\x01J\x04\x08\x02\x10\x03R\x04path\"[\n\x07Refusal\x12\x0c\n\x04slot\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampJ\x04\x08\x01\x10\x02R\x04path\"\xdc\x01\n\x0bModelStatus\x12&\n\x04live\x18\x01 \x01(\x0b\x32\x18.refundgate.v1.ModelInfo\x12(\n\x06shadow\x18\x02 \x01(\x0b\x32\x18.refundgate.v1.ModelInfo\x12*\n\x08previous\x18\x03 \x01(\x0b\x32\x18.refundgate.v1.ModelInfo\x12,\n\x0clast_refusal\x18\x04 \x01(\x0b\x32\x16.refundgate.v1.Refusal\x12\x10\n\x08refusals\x18\x05 \x01(\x03\x12\x0f\n\x07reloads\x18\x06 \x01(\x03\x32_\n\tGateAdmin\x12R\n\x0eGetModelStatus\x12$.refundgate.v1.GetModelStatusRequest\x1a\x1a.refundgate.v1.ModelStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELSTATUSREQUEST']._serialized_start=77
   _globals['_GETMODELSTATUSREQUEST']._serialized_end=100
   _globals['_MODELINFO']._serialized_start=103
-  _globals['_MODELINFO']._serialized_end=277
-  _globals['_REFUSAL']._serialized_start=279
-  _globals['_REFUSAL']._serialized_end=358
-  _globals['_MODELSTATUS']._serialized_start=361
-  _globals['_MODELSTATUS']._serialized_end=581
-  _globals['_GATEADMIN']._serialized_start=583
-  _globals['_GATEADMIN']._serialized_end=678
+  _globals['_MODELINFO']._serialized_end=275
+  _globals['_REFUSAL']._serialized_start=277
+  _globals['_REFUSAL']._serialized_end=368
+  _globals['_MODELSTATUS']._serialized_start=371
+  _globals['_MODELSTATUS']._serialized_end=591
+  _globals['_GATEADMIN']._serialized_start=593
+  _globals['_GATEADMIN']._serialized_end=688
 # @@protoc_insertion_point(module_scope)

@@ -13,32 +13,30 @@ class GetModelStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("version", "path", "engine", "loaded_at", "num_trees", "hold_threshold", "reject_threshold")
+    __slots__ = ("version", "engine", "loaded_at", "num_trees", "hold_threshold", "reject_threshold")
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    PATH_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     NUM_TREES_FIELD_NUMBER: _ClassVar[int]
     HOLD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REJECT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     version: str
-    path: str
     engine: str
     loaded_at: _timestamp_pb2.Timestamp
     num_trees: int
     hold_threshold: float
     reject_threshold: float
-    def __init__(self, version: _Optional[str] = ..., path: _Optional[str] = ..., engine: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., num_trees: _Optional[int] = ..., hold_threshold: _Optional[float] = ..., reject_threshold: _Optional[float] = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., engine: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., num_trees: _Optional[int] = ..., hold_threshold: _Optional[float] = ..., reject_threshold: _Optional[float] = ...) -> None: ...
 
 class Refusal(_message.Message):
-    __slots__ = ("path", "reason", "at")
-    PATH_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("slot", "reason", "at")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
-    path: str
+    slot: str
     reason: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, path: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, slot: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("live", "shadow", "previous", "last_refusal", "refusals", "reloads")

@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class GateAdminStub:
-    """GateAdmin reports on the gate itself. Served beside RefundGate; restrict it by service name
-    (mesh policy) if refund callers must not see it.
+    """GateAdmin reports on the gate itself. Served on its own listener (GATE_ADMIN_LISTEN, loopback
+    by default), never on the refund-facing port; with GATE_ADMIN_TOKEN set, every call needs
+    `authorization: Bearer <token>` metadata. Answers name versions and slots, never paths.
     """
 
     def __init__(self, channel):
@@ -44,8 +45,9 @@ class GateAdminStub:
 
 
 class GateAdminServicer:
-    """GateAdmin reports on the gate itself. Served beside RefundGate; restrict it by service name
-    (mesh policy) if refund callers must not see it.
+    """GateAdmin reports on the gate itself. Served on its own listener (GATE_ADMIN_LISTEN, loopback
+    by default), never on the refund-facing port; with GATE_ADMIN_TOKEN set, every call needs
+    `authorization: Bearer <token>` metadata. Answers name versions and slots, never paths.
     """
 
     def GetModelStatus(self, request, context):
@@ -72,8 +74,9 @@ def add_GateAdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GateAdmin:
-    """GateAdmin reports on the gate itself. Served beside RefundGate; restrict it by service name
-    (mesh policy) if refund callers must not see it.
+    """GateAdmin reports on the gate itself. Served on its own listener (GATE_ADMIN_LISTEN, loopback
+    by default), never on the refund-facing port; with GATE_ADMIN_TOKEN set, every call needs
+    `authorization: Bearer <token>` metadata. Answers name versions and slots, never paths.
     """
 
     @staticmethod
