@@ -69,8 +69,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the epilog's layout; on a wide terminal, each flag and its help on one line."""
 
     def __init__(self, prog: str) -> None:
-        wide = shutil.get_terminal_size().columns >= 130
-        super().__init__(prog, max_help_position=50 if wide else 24)
+        columns = shutil.get_terminal_size().columns
+        super().__init__(prog, max_help_position=min(80, columns - 100) if columns >= 130 else 24)
 
 
 class Parser(argparse.ArgumentParser):
