@@ -687,11 +687,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from refundgate.v1 import admin_pb2, admin_pb2_grpc
 
-    target = args.target or _default_target()
+    target, token = _admin_target(args.target)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(target) as channel:
         try:
             status = admin_pb2_grpc.GateAdminStub(channel).GetModelStatus(
-                admin_pb2.GetModelStatusRequest(), timeout=args.timeout_s
+                admin_pb2.GetModelStatusRequest(), timeout=args.timeout_s, metadata=metadata
             )
         except grpc.RpcError as exc:
             code = exc.code().name if hasattr(exc, "code") else "error"
@@ -716,12 +717,12 @@ def status_lines(target: str, status: Any) -> list[str]:
         lines += [
             f"{name:<12}{info.version}  ({info.engine}, {info.num_trees} trees, hold >= "
             f"{info.hold_threshold:.6g}, reject >= {info.reject_threshold:.6g})",
-            f"{'':<12}{info.path}, loaded {loaded}",
+            f"{'':<12}loaded {loaded}",
         ]
     lines.append(f"loads       {status.reloads:,} loaded, {status.refusals:,} refused")
     if status.HasField("last_refusal"):
         r = status.last_refusal
-        lines += [f"last refusal {_when(r.at)}: {r.path}", f"{'':<12}{r.reason}"]
+        lines += [f"last refusal {_when(r.at)}: {r.slot}", f"{'':<12}{r.reason}"]
     return lines
 
 
@@ -729,13 +730,18 @@ def _when(ts: Any) -> str:
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _default_target() -> str:
+def _admin_target(target: str | None) -> tuple[str, str]:
+    """GateAdmin's address (``--target``, else GATE_ADMIN_LISTEN) and its token (GATE_ADMIN_TOKEN)."""
     from gate.settings import Settings, SettingsError
 
     try:
-        return Settings.from_env().listen
+        settings = Settings.from_env()
     except SettingsError as exc:
         raise UsageError(f"{exc}; give --target") from None
+    where = target or settings.admin_listen
+    if not where:
+        raise UsageError("GateAdmin has no listener (GATE_ADMIN_LISTEN is empty); give --target")
+    return where, settings.admin_token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -995,7 +1001,10 @@ def add_model_commands(sub: Any) -> None:
     p.set_defaults(func=_run(cmd_promote))
 
     p = msub.add_parser("status", help="the running gate's live, shadow and previous models")
-    p.add_argument("--target", help="host:port of the gate (default: GATE_LISTEN)")
+    p.add_argument(
+        "--target",
+        help="host:port of the gate's GateAdmin listener (default: GATE_ADMIN_LISTEN; token: GATE_ADMIN_TOKEN)",
+    )
     p.add_argument("--timeout-s", type=float, default=5.0, help="give up after this long")
     p.add_argument("--json", action="store_true", help="machine-readable status")
     p.set_defaults(func=_run(cmd_status))

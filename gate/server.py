@@ -95,6 +95,9 @@ def _unary(
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception:
+                if context.done():  # the call ended under us (peer gone, server closing): no answer
+                    log.debug("%s ended before its answer", name, exc_info=True)
+                    raise asyncio.CancelledError from None
                 log.exception("unexpected error in %s", name)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
                 raise AssertionError("unreachable: abort raises") from None

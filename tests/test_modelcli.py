@@ -794,22 +794,25 @@ def test_building_the_parser_imports_no_heavy_module() -> None:
 def test_status_shows_the_running_gates_models(redis_proc: RedisProcess, bundle_dir: Path) -> None:
     from tests.gateproc import start_gate_process
 
-    gate = start_gate_process(redis_proc.url, bundle_dir)
+    admin = f"127.0.0.1:{free_port()}"
+    gate = start_gate_process(redis_proc.url, bundle_dir, "--admin-listen", admin)
     try:
-        text = run_cli("model", "status", "--target", gate.target)
-        as_json = run_cli("model", "status", "--target", gate.target, "--json")
+        text = run_cli("model", "status", "--target", admin)
+        as_json = run_cli("model", "status", "--target", admin, "--json")
+        on_main = run_cli("model", "status", "--target", gate.target, "--timeout-s", "2")
     finally:
         gate.stop()
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
-    assert lines[0] == f"gate        {gate.target}"
+    assert lines[0] == f"gate        {admin}"
     assert lines[1].startswith("live        test-model-1  (compiled, ")
     assert "hold >= 0.5, reject >= 0.9" in lines[1]
-    assert f"{bundle_dir.resolve()}, loaded " in lines[2]
+    assert lines[2].strip().startswith("loaded ") and str(bundle_dir) not in text.stdout  # no paths
     assert "shadow      (none)" in lines and "previous    (none)" in lines
     assert "loads       1 loaded, 0 refused" in lines
+    assert on_main.returncode != 0  # GateAdmin is never on the refund-facing port
     body = json.loads(as_json.stdout)
-    assert body["target"] == gate.target
+    assert body["target"] == admin
     assert body["live"]["version"] == "test-model-1" and body["live"]["hold_threshold"] == 0.5
     assert "shadow" not in body and body["reloads"] == "1"
 

@@ -102,7 +102,7 @@ def models(bundle_dir: Path, tmp_path: Path) -> Path:
 def gate_admin(redis_proc: RedisProcess, rdb: object, models: Path) -> Iterator[tuple[GateProcess, str]]:
     admin = f"127.0.0.1:{free_port()}"
     gate = start_gate_process(
-        redis_proc.url, models, "--admin-listen", admin, "--model-poll-s", "0.05", "--allow-client-time"
+        redis_proc.url, models, "--metrics-listen", admin, "--model-poll-s", "0.05", "--allow-client-time"
     )
     yield gate, admin
     gate.stop()

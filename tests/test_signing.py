@@ -223,8 +223,11 @@ def test_a_gate_starts_on_a_signed_bundle_and_serves(
     from tests.gateproc import start_gate_process
 
     b = signed_copy(bundle_dir, tmp_path / "b", keys["owner"])
-    gate = start_gate_process(redis_proc.url, b, env={"GATE_BUNDLE_PUBLIC_KEY": str(keys["owner.pub"])})
-    status = run_cli("model", "status", "--target", gate.target)
+    admin = f"127.0.0.1:{free_port()}"
+    gate = start_gate_process(
+        redis_proc.url, b, "--admin-listen", admin, env={"GATE_BUNDLE_PUBLIC_KEY": str(keys["owner.pub"])}
+    )
+    status = run_cli("model", "status", "--target", admin)
     logs = gate.stop()
     assert status.returncode == 0 and "live        test-model-1" in status.stdout
     assert any(line.get("message") == "model loaded" for line in logs)
@@ -265,11 +268,12 @@ async def test_a_gate_refuses_at_reload_a_bundle_it_cannot_trust_and_keeps_servi
     os.symlink("b", models / ".current.tmp")
     os.replace(models / ".current.tmp", models / "current")
     await watcher.check()
-    status = await admin_pb2_grpc.GateAdminStub(running.channel).GetModelStatus(
+    assert running.admin_channel is not None
+    status = await admin_pb2_grpc.GateAdminStub(running.admin_channel).GetModelStatus(
         admin_pb2.GetModelStatusRequest()
     )
     assert status.refusals == 1 and reason in status.last_refusal.reason
-    assert status.live.path == str((models / "a").resolve())
+    assert status.live.version == "test-model-1" and status.last_refusal.slot == "current"
     resp = await running.stub.Check(make_request())
     assert resp.model_version == "test-model-1" and not resp.degraded
 
