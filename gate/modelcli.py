@@ -1003,7 +1003,7 @@ def add_model_commands(sub: Any) -> None:
     p = msub.add_parser("status", help="the running gate's live, shadow and previous models")
     p.add_argument(
         "--target",
-        help="host:port of the gate's GateAdmin listener (default: GATE_ADMIN_LISTEN; token: GATE_ADMIN_TOKEN)",
+        help="host:port of GateAdmin's listener (default: GATE_ADMIN_LISTEN; token: GATE_ADMIN_TOKEN)",
     )
     p.add_argument("--timeout-s", type=float, default=5.0, help="give up after this long")
     p.add_argument("--json", action="store_true", help="machine-readable status")
