@@ -28,7 +28,7 @@ import redis
 
 from gate.bundle import Bundle
 from gate.features import FEATURE_INDEX, FEATURE_NAMES
-from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, decide
+from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, Verdict, decide
 
 DECISIONS = (APPROVE, HOLD, REJECT)
 BLOCK_REASONS = {"BLOCKLISTED_ACCOUNT": "account", "BLOCKLISTED_DEVICE": "device", "BLOCKLISTED_IP": "ip"}
@@ -38,6 +38,7 @@ _Entries = list[tuple[bytes, dict[bytes, bytes]]]  # XRANGE of a client without 
 _AMOUNT = FEATURE_INDEX["log10_amount"]
 _REFUND_RATIO = FEATURE_INDEX["refund_order_ratio"]
 _ORDER_RATIO = FEATURE_INDEX["order_refunded_ratio"]
+_RETURNED = FEATURE_INDEX["item_returned"]
 
 
 class SkippedRecord(ValueError):
@@ -173,6 +174,7 @@ def facts_from_record(record: LoggedDecision) -> Facts:
         order_amount_asked=None if math.isnan(asked_ratio) else round(asked_ratio * order_amount),
         blocked=[BLOCK_REASONS[r] for r in record.reasons if r in BLOCK_REASONS],
         degraded=record.degraded,
+        item_returned=row[_RETURNED] == 1.0,
     )
 
 
@@ -182,8 +184,22 @@ def replay(record: LoggedDecision, bundle: Bundle, degraded: DegradedPolicy) -> 
     if len(record.features) != takes:
         raise SkippedRecord(f"{len(record.features)} features, the candidate takes {takes}")
     facts = facts_from_record(record)
-    score = bundle.model.score(record.features)
-    return decide(score, bundle.thresholds, facts, degraded).decision
+    return decide_row(bundle, record.features, facts, degraded).decision
+
+
+def decide_row(bundle: Bundle, row: list[float], facts: Facts, degraded: DegradedPolicy) -> Verdict:
+    """What ``bundle`` decides for ``row`` as the gate does: its score, then the policy with the
+    attribution of the leaves just scored (the reasons, which a REJECT needs) and the default
+    reject limits (gate/policy.py)."""
+    model = bundle.model
+    score = model.score(row)
+    return decide(
+        score,
+        bundle.thresholds,
+        facts,
+        degraded,
+        explain=lambda: bundle.explain(model.last_leaves()).tolist(),
+    )
 
 
 def backtest(

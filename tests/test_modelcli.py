@@ -23,6 +23,7 @@ from gate.backtest import (
     DECISIONS,
     LoggedDecision,
     backtest,
+    decide_row,
     facts_from_record,
     parse_record,
     read_jsonl,
@@ -33,7 +34,7 @@ from gate.cli import main
 from gate.decisionlog import FEATURE_SPEC, DecisionRecord
 from gate.devredis import RedisProcess, free_port
 from gate.features import FEATURE_INDEX, FEATURE_NAMES, FEATURES
-from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts, decide
+from gate.policy import APPROVE, HOLD, REJECT, DegradedPolicy, Facts
 from gate.settings import Settings
 from model.synthetic import synthetic_training_set
 from tests.test_bundle import edit_manifest, refresh_checksums
@@ -41,6 +42,7 @@ from tests.test_cli import run_cli
 
 DEGRADED = DegradedPolicy(Settings().degraded_approve_below_minor)
 VELOCITY = [i for i, f in enumerate(FEATURES) if f.source != "request"]
+RETURNED = FEATURE_INDEX["item_returned"]
 CHECK_NAMES = ("manifest", "signature", "checksums", "features", "thresholds", "model", "golden")
 
 
@@ -155,7 +157,11 @@ BAD_BUNDLES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     ),
     "model trained on other features": (_model_of_other_features, "model", "model features differ"),
     "golden score off by 1e-9": (_golden_off, "golden", "golden row 3"),
-    "golden row of the wrong length": (_golden_row_too_short, "golden", "row has 47 values"),
+    "golden row of the wrong length": (
+        _golden_row_too_short,
+        "golden",
+        f"row has {len(FEATURE_NAMES) - 1} values",
+    ),
 }
 
 
@@ -473,10 +479,10 @@ def logged_decisions(bundle: Bundle, n: int = 400, seed: int = 5) -> list[tuple[
         row[FEATURE_INDEX["refund_order_ratio"]] = amount / order
         row[FEATURE_INDEX["order_refunded_ratio"]] = np.nan if asked is None else asked / order
         blocked = [str(rng.choice(["account", "device", "ip"]))] if rng.random() < 0.05 else []
-        facts = Facts(amount, order, asked, blocked, degraded)
+        facts = Facts(amount, order, asked, blocked, degraded, item_returned=row[RETURNED] == 1.0)
         features = row.tolist()
+        verdict = decide_row(bundle, features, facts, DEGRADED)
         score = bundle.model.score(features)
-        verdict = decide(score, bundle.thresholds, facts, DEGRADED)
         out.append(
             (
                 DecisionRecord(
@@ -509,7 +515,7 @@ def expected_matrix(
     counts = Counter(
         (
             r.decision,
-            decide(candidate.model.score(r.features), candidate.thresholds, facts, DEGRADED).decision,
+            decide_row(candidate, r.features, facts, DEGRADED).decision,
         )
         for r, facts in logged
     )
