@@ -226,7 +226,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "acct_returned_30d",
         "account",
-        "HIGH_REFUND_RATE",
+        "FEW_RETURNS",
         "Refunds of the account, 30 d, whose item came back.",
         monotone=-1,
         why="with the other counts fixed, more refunds that came back means fewer that did not",
@@ -235,7 +235,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "acct_returned_share_30d",
         "account",
-        "HIGH_REFUND_RATE",
+        "FEW_RETURNS",
         "Share of the account's refunds, 30 d, whose item came back.",
         monotone=-1,
         why="a bulk returner sends the items back; an abuser keeps them",
@@ -253,7 +253,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "acct_orders_30d",
         "account",
-        "HIGH_REFUND_RATE",
+        "THIN_HISTORY",
         "Orders placed by the account, 30 d.",
         monotone=-1,
         why="with the refunds fixed, more orders is a lower refund rate",
@@ -349,7 +349,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "first_inr_claim",
         "account",
-        "SERIAL_NOT_RECEIVED",
+        "CLAIM_HISTORY",
         "1 for an account's first 'not received' claim over its tenure.",
         monotone=-1,
         why="a first claim is what a lost or stolen parcel looks like; a habit is not",
@@ -466,7 +466,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "m_returned_share_7d",
         "merchant",
-        "MERCHANT_REFUND_SPIKE",
+        "MERCHANT_FEW_RETURNS",
         "Share of the merchant's refunds, 7 d, whose item came back.",
         monotone=-1,
         why="a shop whose refunds come back as goods is taking returns, not paying out cash",
@@ -496,12 +496,14 @@ MONOTONE: dict[str, int] = {f.name: f.monotone for f in FEATURES if f.monotone}
 """Feature name -> +1 (the score never falls as it grows) or -1 (never rises), all else equal."""
 CONTEXT_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.kind == "context")
 BEHAVIOUR_CODES: frozenset[str] = frozenset(
-    f.reason for f in FEATURES if f.source != "request" and f.kind == "behaviour"
+    f.reason for f in FEATURES if f.source != "request" and f.kind == "behaviour" and f.monotone >= 0
 )
-assert not BEHAVIOUR_CODES & {f.reason for f in FEATURES if f.source == "request"}, (
-    "a behaviour code must not also be given for the request alone"
+"""Reason codes backed by velocity counters of behaviour: the evidence a model REJECT needs. A
+feature whose score falls as it grows (monotone -1: returns, history) credits its code when its
+value is low, i.e. for the absence of something, so its codes are never behaviour evidence."""
+assert not BEHAVIOUR_CODES & {f.reason for f in FEATURES if f.source == "request" or f.monotone < 0}, (
+    "a behaviour code must not also be given for the request alone, or for an absence"
 )
-"""Reason codes backed by velocity counters of behaviour: the evidence a model REJECT needs."""
 _BY_SOURCE: dict[str, tuple[tuple[int, Feature], ...]] = {
     s: tuple((i, f) for i, f in enumerate(FEATURES) if f.source == s) for s in VELOCITY_SOURCES
 }
