@@ -1,10 +1,12 @@
-"""The committed default bundle, on traffic it never saw (another seed), decided exactly as the
-gate decides: it catches the abuse, spares honest customers, and explains each abuse scenario by
-that scenario's own signal.
+"""The committed default bundle, on a world it never trained on (another seed, shifted mixes and
+parameters, honest behaviours held out of its training), decided exactly as the gate decides:
+it catches the abuse, spares honest customers of every kind, rejects almost none of them, and
+explains each abuse scenario by that scenario's own signal.
 
 The sample is simulated afresh and replayed through the gate's own feature path
 (model.dataset.build_dataset) against the session's redis-server; decisions and reason codes
 come from gate.policy.decide with the bundle's thresholds and path attribution (model.evaluate).
+The floors are the product targets (model/README.md) less a margin for a sample this small.
 """
 
 from __future__ import annotations
@@ -27,44 +29,31 @@ from model.evaluate import (
     summarize,
     top_reason,
 )
-from model.simulate import ABUSE_SCENARIOS, DAY, SimConfig, simulate
-from model.train import BUNDLES
+from model.simulate import ABUSE_SCENARIOS, LEGIT_SCENARIOS, SimConfig, records
+from model.train import BUNDLES, HELD_OUT_BEHAVIOURS
 
-SAMPLE = SimConfig(seed=11).resized(0.4)  # about 150k records; training used seed 7
+SAMPLE = SimConfig(seed=11).resized(0.4).shifted(11)  # training used seed 7, without the held-out
 
 
 @dataclass(frozen=True)
 class Decided:
-    """The gate's decisions on the sample's refunds after the warm-up week."""
+    """The gate's decisions on the sample's refunds in its window (after the honest history)."""
 
     y: np.ndarray
     scenario: np.ndarray
-    day: np.ndarray  # days since the window opened
     decisions: Decisions
-
-    def since(self, day: float) -> tuple[np.ndarray, np.ndarray, Decisions]:
-        """Labels, scenarios and decisions of the refunds from ``day`` on."""
-        keep = np.flatnonzero(self.day >= day)
-        d = self.decisions
-        return (
-            self.y[keep],
-            self.scenario[keep],
-            Decisions(d.score[keep], d.decision[keep], [d.reasons[i] for i in keep], {}),
-        )
 
 
 @pytest.fixture(scope="module")
 def decided(redis_proc: RedisProcess) -> Iterator[Decided]:
     client = redis_proc.client()
     client.flushall()
-    data = asyncio.run(build_dataset(simulate(SAMPLE), redis_proc.url))
+    data = asyncio.run(build_dataset(records(SAMPLE), redis_proc.url, as_of=SAMPLE.export_at))
     bundle = load_bundle(BUNDLES / "current")
-    day = (data.at - SAMPLE.start.timestamp()) / DAY
-    rows = np.flatnonzero(day >= 7)  # the counters start empty: skip the warm-up week
+    rows = np.flatnonzero(data.at >= SAMPLE.start.timestamp())
     yield Decided(
         data.y[rows],
         data.scenario[rows],
-        day[rows],
         decide_rows(bundle.model, bundle.thresholds, data, rows, velocity=True, degraded_policy=None),
     )
     client.flushall()
@@ -75,18 +64,30 @@ def test_signals_cover_every_abuse_scenario() -> None:
     assert set(SCENARIO_SIGNALS) == set(ABUSE_SCENARIOS)
 
 
+def test_the_sample_has_the_behaviours_the_model_never_trained_on(decided: Decided) -> None:
+    for name in HELD_OUT_BEHAVIOURS:
+        assert (decided.scenario == name).sum() >= 100, name
+
+
 def test_each_abuse_scenario_is_explained_by_its_own_signal(decided: Decided) -> None:
     table = reason_table(decided.scenario, decided.decisions)
     wrong = {s: table.get(s) for s, codes in SCENARIO_SIGNALS.items() if top_reason(table, s) not in codes}
     assert not wrong, f"most frequent first reason names another signal: {wrong}"
 
 
-def test_default_bundle_catches_abuse_and_spares_honest_refunds(decided: Decided) -> None:
-    # Judged once every 30-day window is full, as on the test week the thresholds were made for;
-    # earlier, thin account histories cost recall and hold more honest refunds (see the report).
-    summary = summarize(*decided.since(30))
-    assert summary["abuse_held_or_rejected"] >= 0.93, summary
-    assert summary["legit_held_or_rejected"] <= 0.015, summary
-    assert summary["legit_rejected"] <= 0.003, summary
+def test_default_bundle_catches_abuse_on_an_unseen_world(decided: Decided) -> None:
+    summary = summarize(decided.y, decided.scenario, decided.decisions)
+    assert summary["abuse_held_or_rejected"] >= 0.70, summary
     for name in ABUSE_SCENARIOS:
-        assert summary["by_scenario"][name]["held_or_rejected"] >= 0.85, (name, summary)
+        assert summary["by_scenario"][name]["held_or_rejected"] >= 0.35, (name, summary["by_scenario"][name])
+
+
+def test_default_bundle_spares_honest_customers_of_every_kind(decided: Decided) -> None:
+    summary = summarize(decided.y, decided.scenario, decided.decisions)
+    assert summary["legit_held_or_rejected"] <= 0.01, summary
+    assert summary["legit_rejected"] <= 0.002, summary
+    for name in LEGIT_SCENARIOS:
+        segment = summary["by_scenario"].get(name)
+        if segment and segment["rows"] >= 200:
+            assert segment["held_or_rejected"] <= 0.06, (name, segment)
+            assert segment["rejected"] <= 0.01, (name, segment)
