@@ -440,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
         source = {"source": "model/simulate.py", "seed": cfg.seed, "held_out": list(held_out)}
         print(f"simulating (seed {cfg.seed})", file=sys.stderr)
         as_of = cfg.export_at if args.as_of is None else args.as_of
-        data = replay(records(cfg), args.redis_url, maturity_days=args.maturity_days, as_of=as_of)
+        data = replay(
+            records(cfg), args.redis_url, maturity_days=args.maturity_days, as_of=as_of, total=args.events
+        )
         shifted_events = args.shifted_events if args.shifted_events is not None else SHIFTED_EVENTS
     end_s, n_weeks = label_horizon(data, args.maturity_days)
     split = time_split(data.at, end_s, n_weeks)
@@ -583,7 +585,7 @@ def shifted_world(
     rows inside the window (after the warm-up history)."""
     cfg = SimConfig.scaled(events=events, seed=seed, weeks=SHIFTED_WEEKS).shifted(seed)
     print(f"shifted world (seed {seed})", file=sys.stderr)
-    data = replay(records(cfg), redis_url, maturity_days=maturity_days, as_of=cfg.export_at)
+    data = replay(records(cfg), redis_url, maturity_days=maturity_days, as_of=cfg.export_at, total=events)
     return cfg, data, data.at >= cfg.start.timestamp()
 
 
