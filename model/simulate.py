@@ -491,6 +491,7 @@ class _Order:
     delivered_at: int | None  # None: never delivered (lost, cancelled)
     late: bool = False
     lost: bool = False
+    claimed: bool = False  # a refund was planned for it when it was placed
 
 
 @dataclass(slots=True, eq=False)
@@ -778,6 +779,7 @@ class _World:
         """Schedule the order's delivery and refunds; return its ORDER_PLACED record."""
         if order.delivered_at is not None and order.merchant.tracked:
             self.at(order.delivered_at, _deliver, order)
+        order.claimed = bool(refunds)
         for refund in refunds:
             self.at(max(refund.at, order.created_at + MINUTE), _request_refund, order, refund)
         return self._placed(order)
@@ -1181,13 +1183,16 @@ def _porch_theft(w: _World, shopper: _Shopper) -> None:
     """Claim "not received" on the newest parcel delivered in the last days (or wait for one)."""
     r, now = w.rng, w.now
     assert shopper.history is not None
-    recent = [
-        o for o in shopper.history if o.delivered_at is not None and 0 <= now - o.delivered_at < 3 * DAY
+    recent = [  # a parcel nothing else was claimed on: the theft is its only refund
+        o
+        for o in shopper.history
+        if o.delivered_at is not None and 0 <= now - o.delivered_at < 3 * DAY and not o.claimed
     ]
     if not recent or not recent[-1].merchant.tracked:
         w.at(now + 2 * DAY, _porch_theft, shopper)
         return
     order = recent[-1]
+    order.claimed = True
     refund = _Refund(w.daytime(now + r.uniform(0.1, 1) * DAY), order.amount, _INR, False, "legit_porch_theft")
     w.at(refund.at, _request_refund, order, refund)
 
