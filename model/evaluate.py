@@ -37,8 +37,9 @@ VELOCITY_COLUMNS = np.array([f.source != "request" for f in FEATURES])
 _RETURNED = FEATURE_INDEX["item_returned"]
 # Reason codes that name each abuse scenario's own signal (model/README.md, Scenarios). A cashout
 # ring is fresh accounts on a few shared devices doing quick digital refunds at a colluding shop:
-# the shared devices are its signal as much as the quick refunds. For BNPL cashout the pair counts too: the shop's honest buyers share its merchant counters, and what
-# singles out a cashout refund is the same mule accounts ordering and refunding there again.
+# the shared devices are its signal as much as the quick refunds. For BNPL cashout the pair counts
+# too: the shop's honest buyers share its merchant counters, and what singles out a cashout refund
+# is the same mule accounts ordering and refunding there again.
 SCENARIO_SIGNALS: dict[str, frozenset[str]] = {
     "serial_inr_delivered": frozenset({"NOT_RECEIVED_BUT_DELIVERED", "SERIAL_NOT_RECEIVED"}),
     "cashout_ring": frozenset(
