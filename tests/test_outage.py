@@ -131,7 +131,7 @@ async def test_an_outage_is_counted_once_later_and_retries_get_the_first_answer(
         bundle_dir,
         "--workers",
         "2",
-        "--admin-listen",
+        "--metrics-listen",
         f"127.0.0.1:{admin}",
         "--breaker-failures",
         "2",
