@@ -131,9 +131,17 @@ class Admission:
         )
 
     def admit(self) -> bool:
-        """True to serve a new call, False to refuse it with RESOURCE_EXHAUSTED now."""
-        if self.active >= self.max_concurrency:
+        """True to serve a new call (it is counted until ``release()``), False to refuse it with
+        RESOURCE_EXHAUSTED now: ``shed()`` then ``enter()``."""
+        if self.shed():
             return False
+        return self.enter()
+
+    def shed(self) -> bool:
+        """True to refuse a new call now. Asked as soon as the call reaches Python, before its
+        request is read or parsed (gate/server.py), so a refusal costs gRPC's minimum."""
+        if self.active >= self.max_concurrency:
+            return True
         if self.counter is not None:
             now = self.clock()
             since = now - self._read_at
@@ -142,7 +150,12 @@ class Admission:
             elif since >= self._next_read_s:
                 self._read(now)
         excess = self.held - self.shed_start
-        if excess > 0 and self.rand() * (self.max_concurrency - self.shed_start) < excess:
+        return excess > 0 and self.rand() * (self.max_concurrency - self.shed_start) < excess
+
+    def enter(self) -> bool:
+        """Count a call ``shed()`` let through, unless ``max_concurrency`` calls are running
+        already (calls admitted together can pass ``shed()`` before any of them entered)."""
+        if self.active >= self.max_concurrency:
             return False
         self.active += 1
         return True

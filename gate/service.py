@@ -202,11 +202,12 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         work: Callable[[float], Awaitable[R]],
         outcome_of: Callable[[R], str],
     ) -> R:
-        """Run one counted call: ask admission control first (overloaded: refuse before any
-        work, see gate/admission.py), then record its duration by outcome, release it, and only
-        then send a refusal the work raised."""
+        """Run one counted call: count it in admission control (gate/admission.py; the refusals
+        of an overloaded process are decided before the request is even read, in gate/server.py,
+        and this refuses only past ``max_concurrency`` running), then record its duration by
+        outcome, release it, and only then send a refusal the work raised."""
         started = time.monotonic()
-        if not self.admission.admit():
+        if not self.admission.enter():
             self.metrics.shed.add(1)
             duration.record(time.monotonic() - started, {"outcome": "RESOURCE_EXHAUSTED"})
             await Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED).send(context)
