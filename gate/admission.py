@@ -145,7 +145,7 @@ class Admission:
         if self.counter is not None:
             now = self.clock()
             since = now - self._read_at
-            if since > 2 * self._next_read_s:
+            if since > max(2 * self._next_read_s, self.window_s):
                 self._restart(now)
             elif since >= self._next_read_s:
                 self._read(now)
@@ -174,9 +174,11 @@ class Admission:
             self.streams -= 1
 
     def _restart(self, now: float) -> None:
-        """No call reached a handler for a while, so nothing stood in front of them: the window
-        restarts from an empty process. No read is needed for that (nor paid for by the first
-        call after a pause): a backlog must now stand a whole window after the next read."""
+        """No call reached a handler for a whole window (not merely a read interval: a process
+        the kernel did not run for a few ms, under overload, has not gone idle), so nothing stood
+        in front of them: the window restarts from an empty process. No read is needed for that
+        (nor paid for by the first call after a pause): a backlog must now stand a whole window
+        after the next read."""
         self._reads.clear()
         self._reads.append([0, math.inf])
         self.held = 0.0
