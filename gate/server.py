@@ -135,7 +135,9 @@ def _refusal(telemetry: Telemetry, duration: Any) -> grpc.RpcMethodHandler:
     async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
         shed.add(1)
         duration.record(0.0, outcome)
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED)
+        # The status without abort(): no exception unwinding through grpc.aio's handler.
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details(OVERLOADED)
 
     return grpc.stream_unary_rpc_method_handler(refuse)
 
