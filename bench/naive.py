@@ -60,15 +60,15 @@ class NaiveService(pb_grpc.RefundGateServicer):
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         """Count, score, decide."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for kind, value in (
+            for kind, entity in (
                 ("acct", request.account_id),
                 ("dev", request.device_id),
                 ("ip", request.ip),
                 ("m", request.merchant_id),
                 ("ord", request.order_id),
             ):
-                pipe.incr(f"naive:{kind}:{value}")
-                pipe.expire(f"naive:{kind}:{value}", TTL_S)
+                pipe.incr(f"naive:{kind}:{entity}")
+                pipe.expire(f"naive:{kind}:{entity}", TTL_S)
             counts = (await pipe.execute())[::2]
         row = np.full(len(self.features), math.nan)
         now = time.time()
