@@ -335,7 +335,7 @@ class Population:
     accounts: int = 20_000
     merchants: int = 500
     zipf: float = 0.7
-    retry_share: float = 0.01
+    retry_share: float = 0.03
     seed: int = 1
     run_tag: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -1207,7 +1207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accounts", type=int, default=20_000)
     p.add_argument("--merchants", type=int, default=500)
     p.add_argument("--zipf", type=float, default=0.7, help="account activity skew exponent")
-    p.add_argument("--retry-share", type=float, default=0.01)
+    p.add_argument("--retry-share", type=float, default=0.03)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--run-tag",

@@ -53,6 +53,7 @@ def start(venv: Path, model_dir: Path, workers: int, out: Path) -> Running:
         raise Unavailable(f"{mlserver} not found (see bench/mlserver_peer.py for how to make the venv)")
     from gate.devredis import free_port
 
+    out = out.resolve()  # mlserver runs in it: a relative path would be taken from there
     shutil.rmtree(out, ignore_errors=True)
     model = out / MODEL_NAME
     model.mkdir(parents=True)
