@@ -10,7 +10,7 @@ only, no Redis, no policy. It lives in its own virtualenv, never in the gate's, 
 
 One MLServer process (``parallel_workers: 0``: inference in the process that serves gRPC, as the
 issue's table measured it), whatever ``--workers`` says; the load generator then sends each Check's
-feature row (request features, velocity missing) as one FP64 tensor of shape [1, 48].
+feature row (request features, velocity missing) as one FP64 tensor of shape [1, features].
 """
 
 from __future__ import annotations

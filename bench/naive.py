@@ -3,7 +3,7 @@
 A grpc.aio server of the same ``refundgate.v1.RefundGate`` service (generated servicer, the
 framework parses the request), one redis-py asyncio pipeline of five counters per Check (refunds
 per account, device, IP, merchant and order, each an INCR with a 30-day expiry), a feature row of
-the served model's 48 features filled from the request and those counters (the rest missing), and
+the served model's features filled from the request and those counters (the rest missing), and
 ``lightgbm.Booster.predict`` on it with ``OMP_NUM_THREADS=1`` (LightGBM's default OpenMP team spins
 on every core and made this peer 2.5-4x slower). Thresholds from the bundle's manifest. No
 validation, no retries, no degraded mode, no telemetry, no decision log: what it does not do is the

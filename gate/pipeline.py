@@ -47,22 +47,6 @@ class Observer(Protocol):
         """The shadow model would have decided the same (``agree``) or not."""
 
 
-class NoObserver:
-    """An observer that counts nothing."""
-
-    def stage(self, name: str, seconds: float) -> None:
-        """Nothing."""
-
-    def redis_problem(self, kind: str) -> None:
-        """Nothing."""
-
-    def decided(self, decision: str, model_version: str, degraded: bool) -> None:
-        """Nothing."""
-
-    def shadow(self, version: str, agree: bool) -> None:
-        """Nothing."""
-
-
 def prepare(
     store: VelocityStore, request: pb.CheckRequest, at_s: float
 ) -> tuple[features.RequestFeatures, RefundFacts]:
