@@ -152,8 +152,19 @@ def new_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
+V2_MODEL: str | None = None
+"""Set by ``--protocol v2``: the target speaks the Open Inference Protocol (MLServer) and serves
+this model; readiness is its ModelReady and each Check is sent as that model's ModelInfer."""
+
+
 async def health_status(channel: grpc.aio.Channel, timeout_s: float = 1.0) -> int:
     """The health status of RefundGate through this channel (raises grpc.RpcError)."""
+    if V2_MODEL is not None:
+        from bench import mlserver_peer
+
+        ready = channel.unary_unary(mlserver_peer.READY_METHOD)
+        reply = await ready(mlserver_peer.ready_request(V2_MODEL), timeout=timeout_s)
+        return int(health_pb2.HealthCheckResponse.SERVING if reply == b"\x08\x01" else 0)
     call = channel.unary_unary(
         HEALTH_METHOD,
         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -324,7 +335,7 @@ class Population:
     accounts: int = 20_000
     merchants: int = 500
     zipf: float = 0.7
-    retry_share: float = 0.01
+    retry_share: float = 0.03
     seed: int = 1
     run_tag: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -674,13 +685,30 @@ class _Pacer(threading.Thread):
             i = j
 
 
+def _infer_request(check: bytes) -> bytes:
+    """The Check's feature row as the gate would make it without velocity (those features
+    missing), as one ModelInfer request (``--protocol v2``)."""
+    from bench import mlserver_peer
+    from gate import features
+
+    req = pb.CheckRequest.FromString(check)
+    row = features.assemble(features.from_request(req, req.requested_at.ToNanoseconds() / 1e9), {})
+    assert V2_MODEL is not None
+    return mlserver_peer.infer_request(V2_MODEL, list(row))
+
+
 class Load:
     """Sends Check calls over pinned channels and keeps the books."""
 
     def __init__(
         self, channels: Sequence[grpc.aio.Channel], population: Population, probe: Probe, timeout_s: float
     ) -> None:
-        self.calls = [ch.unary_unary(CHECK_METHOD) for ch in channels]
+        method = CHECK_METHOD
+        if V2_MODEL is not None:
+            from bench import mlserver_peer
+
+            method = mlserver_peer.INFER_METHOD
+        self.calls = [ch.unary_unary(method) for ch in channels]
         self.population = population
         self.probe = probe
         self.timeout_s = timeout_s
@@ -702,6 +730,8 @@ class Load:
     async def _call(self, call: Any) -> str:
         """One Check; returns "OK" or the status code's name."""
         data = self.population.check()
+        if V2_MODEL is not None:
+            data = _infer_request(data)
         self.sent += 1
         try:
             reply = await call(data, timeout=self.timeout_s)
@@ -715,6 +745,8 @@ class Load:
             self.step_errors[code] += 1
             return code
         self.completed += 1
+        if V2_MODEL is not None:
+            return "OK"
         resp = pb.CheckResponse.FromString(reply)
         self.decisions[pb.Decision.Name(resp.decision)] += 1
         self.degraded += resp.degraded
@@ -766,11 +798,15 @@ class Load:
         duration_s: float,
         poisson: bool = True,
         during: Flipper | None = None,
+        recovery: tuple[float, float] | None = None,
     ) -> dict[str, Any]:
         """Arrivals at ``rate``/s regardless of answers; latency from the scheduled send time.
 
         Failed calls' latencies are kept by status code (the overload step's RESOURCE_EXHAUSTED
-        answers should be fast); ``during`` (a thread) starts with the measured window."""
+        answers should be fast); ``during`` (a thread) starts with the measured window.
+        ``recovery`` = (rate, seconds): right after the window, arrivals go on at that rate, and
+        their answers are counted by status and by second since the window ended (``recovery``
+        in the result: whether the server stops refusing once the burst is over)."""
         loop = asyncio.get_running_loop()
         rng = random.Random(7)
         start = time.perf_counter() + 0.05
@@ -780,6 +816,12 @@ class Load:
         while t < end:
             times.append(t)
             t += rng.expovariate(rate) if poisson else 1.0 / rate
+        after: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        if recovery is not None:
+            t, stop_at = end, end + recovery[1]
+            while t < stop_at:
+                times.append(t)
+                t += rng.expovariate(recovery[0]) if poisson else 1.0 / recovery[0]
         window = (start + warmup_s, end)
         latencies: list[float] = []
         send_lag: list[float] = []
@@ -798,7 +840,9 @@ class Load:
             sent_in_window += window[0] <= sent < window[1]
             status = await self._call(call)
             done = time.perf_counter()
-            if window[0] <= scheduled < window[1]:
+            if scheduled >= window[1]:
+                after[int(scheduled - window[1])][status] += 1
+            elif window[0] <= scheduled:
                 send_lag.append(sent - scheduled)
                 if status == "OK":
                     latencies.append(done - scheduled)
@@ -824,6 +868,8 @@ class Load:
                 during.start()
             await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
             b = self.probe.snapshot(self.completed)
+            if recovery is not None:  # the pacer goes on firing the recovery arrivals
+                await asyncio.sleep(max(0.0, times[-1] - time.perf_counter()))
         finally:
             pacer.stop.set()
             await asyncio.to_thread(pacer.join)
@@ -844,7 +890,15 @@ class Load:
                 self.errors["UNFINISHED"] += unfinished
                 self.step_errors["UNFINISHED"] += unfinished
         scheduled_n = sum(1 for x in times if window[0] <= x < window[1])
+        extra: dict[str, Any] = {}
+        if recovery is not None:
+            extra["recovery"] = {
+                "rate_rps": round(recovery[0], 1),
+                "seconds": recovery[1],
+                "by_second_after_burst": {str(k): dict(v) for k, v in sorted(after.items())},
+            }
         return {
+            **extra,
             "mode": "open",
             "arrivals": "poisson" if poisson else "uniform",
             "target_rps": round(rate, 1),
@@ -981,6 +1035,9 @@ async def seed_orders(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole procedure for one target; returns the result document."""
+    global V2_MODEL
+    if args.protocol == "v2":
+        V2_MODEL = args.v2_model
     pids = [int(p) for p in args.pids.split(",") if p]
     workers = [int(p) for p in (args.workers_pids or args.pids).split(",") if p]
     population = Population(
@@ -1063,6 +1120,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.warmup,
                     args.overload_duration,
                     poisson=args.arrivals == "poisson",
+                    recovery=(rate or out["max"]["throughput_rps"] * args.open_fraction, args.recovery_s),
                 )
             finally:
                 load.expected = frozenset()
@@ -1149,7 +1207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accounts", type=int, default=20_000)
     p.add_argument("--merchants", type=int, default=500)
     p.add_argument("--zipf", type=float, default=0.7, help="account activity skew exponent")
-    p.add_argument("--retry-share", type=float, default=0.01)
+    p.add_argument("--retry-share", type=float, default=0.03)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--run-tag",
@@ -1173,6 +1231,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(RESOURCE_EXHAUSTED expected there, not counted as a phase error); 0: none",
     )
     p.add_argument("--overload-duration", type=float, default=10.0)
+    p.add_argument(
+        "--recovery-s",
+        type=float,
+        default=3.0,
+        help="after the overload burst, arrivals go on at the half-load rate this long (refusals "
+        "counted by second since the burst ended)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("refundgate", "v2"),
+        default="refundgate",
+        help="v2: the target is an Open Inference Protocol server (MLServer); Checks are sent as "
+        "ModelInfer of their feature rows",
+    )
+    p.add_argument("--v2-model", default="refund-model", help="model name for --protocol v2")
     p.add_argument("--out", default="-", help="JSON result file, - for stdout")
     return p
 

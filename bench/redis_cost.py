@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from bench.loadgen import Population, proc_cpu_s
-from gate import service
+from gate import pipeline
 from gate.devredis import RedisProcess, free_port, start_redis
 from gate.redisclient import RedisAddress, RedisConnection
 from gate.velocity import LOAD_SCRIPTS, SCRIPTS, IdHasher, VelocityStore
@@ -45,7 +45,7 @@ async def _drive(store: VelocityStore, population: Population, checks: int, conc
     async def worker() -> None:
         while queue:
             req = queue.popleft()
-            _, facts = service.prepare(store, req, time.time())
+            _, facts = pipeline.prepare(store, req, time.time())
             await store.record_and_read(facts, 60.0)
 
     started = time.perf_counter()

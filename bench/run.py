@@ -43,6 +43,11 @@ from gate.settings import EVENT_LOOPS, Settings
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / "model" / "bundles" / "current"
 PYTHON = sys.executable
+PROMISE_SLACK_MS = 5.0
+"""Overload promise (issue 14): at 2x the max rate, p99 of OK answers <= the gate's budget + this,
+p99 of RESOURCE_EXHAUSTED answers <= this, from the scheduled send time; and no refusal from
+RECOVERY_AFTER_S after the burst ends. ``make bench`` fails when one is broken."""
+RECOVERY_AFTER_S = 1
 GOALS = {
     "throughput_ratio_min": 0.70,
     "check_p99_half_load_ms_max": 3.0,
@@ -417,6 +422,7 @@ def bench_config(
             "--event-loop",
             args.event_loop,
             *gate_extra_flags(),
+            *args.gate_args.split(),
             *more,
         ]
 
@@ -442,6 +448,7 @@ def bench_config(
         log(f"{workers} worker(s): gate SERVING after {took[0]:.1f} s, echo after {took[1]:.1f} s")
         echo_result = run_loadgen("echo", echo, args, out_dir / f"loadgen-echo-{tag}.json")
         echo.stop()
+        peers = bench_peers(workers, args, redis, model_dir, servers, out_dir)
         seed = None
         if args.seed_orders:  # history first, outside every measurement (and the profile)
             seed = run_loadgen(
@@ -473,7 +480,7 @@ def bench_config(
         check_result["seed"] = seed
         if reloads is not None and "reload" in check_result:
             check_result["reload"]["versions_named"] = reloads
-        result: dict[str, Any] = {"workers": workers, "echo": echo_result, "check": check_result}
+        result: dict[str, Any] = {"workers": workers, "echo": echo_result, "check": check_result, **peers}
         if profile is not None and profile.exists():
             result["check_profile"] = summarize_profile(profile)
         gate.stop()
@@ -487,6 +494,48 @@ def bench_config(
             server.stop()
         if reloads is not None:
             shutil.rmtree(reloads["dir"], ignore_errors=True)
+
+
+def bench_peers(
+    workers: int, args: argparse.Namespace, redis: Any, model_dir: Path, servers: list[Server], out_dir: Path
+) -> dict[str, Any]:
+    """The peers, one after the other, same procedure and load as echo and the gate: the naive
+    stack (``bench.naive``, always) and, with ``--peers mlserver``, MLServer's LightGBM runtime
+    (``bench.mlserver_peer``, in its own virtualenv). Each is stopped before the next starts."""
+    tag = f"w{workers}"
+    out: dict[str, Any] = {}
+    port = free_port()
+    argv = [PYTHON, "-m", "bench.naive", "--listen", f"127.0.0.1:{port}", "--workers", str(workers)]
+    argv += ["--redis-url", redis.url, "--model-dir", str(model_dir), "--event-loop", args.event_loop]
+    naive = start_server("naive", argv, port, workers, out_dir / f"naive-{tag}.log")
+    servers.append(naive)
+    took = asyncio.run(ready([naive], args.ready_timeout))
+    log(f"{workers} worker(s): naive SERVING after {took[0]:.1f} s")
+    out["naive"] = run_loadgen("naive", naive, args, out_dir / f"loadgen-naive-{tag}.json")
+    naive.stop()
+    if "mlserver" in args.peers:
+        from bench import mlserver_peer
+
+        try:
+            ml = mlserver_peer.start(args.mlserver_venv, model_dir, workers, out_dir / f"mlserver-{tag}")
+        except mlserver_peer.Unavailable as exc:
+            log(f"MLServer peer not measured: {exc}")
+            out["mlserver"] = {"status": f"not measured: {exc}"}
+            return out
+        server = Server("mlserver", ml.proc, ml.port, ml.workers, ml.log_path)
+        servers.append(server)
+        try:
+            mlserver_peer.wait_ready(ml, args.ready_timeout)
+            out["mlserver"] = run_loadgen(
+                "mlserver",
+                server,
+                args,
+                out_dir / f"loadgen-mlserver-{tag}.json",
+                extra=["--protocol", "v2", "--v2-model", mlserver_peer.MODEL_NAME],
+            )
+        finally:
+            server.stop()
+    return out
 
 
 def bench_no_telemetry(
@@ -539,8 +588,12 @@ def bench_no_telemetry(
 def summarize(config: dict[str, Any]) -> dict[str, Any]:
     """The headline figures of one configuration, and the goals."""
     out: dict[str, Any] = {"workers": config["workers"]}
-    for kind in ("echo", "check"):
-        r = config[kind]
+    for kind in ("echo", "check", "naive", "mlserver"):
+        r = config.get(kind)
+        if not r or "closed" not in r:
+            if r:
+                out[kind] = {"status": r.get("status")}
+            continue
         best = max(r["closed"], key=lambda s: s["throughput_rps"])
         half = r.get("open", {})
         out[kind] = {
@@ -570,6 +623,9 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
     out["check"]["redis_evalsha_per_check"] = redis.get("evalsha_per_call")
     out["check"]["redis_process_cpu_us_per_check"] = check_phase["cost"].get("redis_process_cpu_us_per_call")
     out["check"]["decisions"] = check_phase["decisions"]
+    pop = config["check"].get("population") or {}
+    if pop.get("sent"):
+        out["population"] = {**pop, "retry_share_sent": round(pop.get("retries", 0) / pop["sent"], 4)}
     out["check"]["degraded"] = check_phase["degraded"]
     out["check"]["replayed"] = check_phase["replayed"]
     e, c = out["echo"], out["check"]
@@ -578,6 +634,23 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
     if e["server_cpu_us_per_call_at_max"] and c["server_cpu_us_per_call_at_max"]:
         out["cpu_ratio_check_to_echo"] = round(
             c["server_cpu_us_per_call_at_max"] / e["server_cpu_us_per_call_at_max"], 2
+        )
+    for peer in ("naive", "mlserver"):
+        n = out.get(peer, {})
+        if n.get("max_throughput_rps"):
+            ratio_tp = c["max_throughput_rps"] / n["max_throughput_rps"]
+            out[f"throughput_ratio_check_to_{peer}"] = round(ratio_tp, 3)
+            if n["server_cpu_us_per_call_at_max"] and c["server_cpu_us_per_call_at_max"]:
+                out[f"cpu_ratio_check_to_{peer}"] = round(
+                    c["server_cpu_us_per_call_at_max"] / n["server_cpu_us_per_call_at_max"], 2
+                )
+            if n["half_load_latency_ms"]["p99"] and c["half_load_latency_ms"]["p99"]:
+                out[f"p99_half_load_ratio_check_to_{peer}"] = round(
+                    c["half_load_latency_ms"]["p99"] / n["half_load_latency_ms"]["p99"], 2
+                )
+    if e["half_load_latency_ms"]["p99"] and c["half_load_latency_ms"]["p99"]:
+        out["p99_half_load_ratio_check_to_echo"] = round(
+            c["half_load_latency_ms"]["p99"] / e["half_load_latency_ms"]["p99"], 2
         )
     out["overload"] = summarize_overload(config["check"])
     out["reload"] = summarize_reload(config["check"], c)
@@ -590,6 +663,21 @@ def summarize(config: dict[str, Any]) -> dict[str, Any]:
         "redis_us_per_check<=60_target": rus is not None and rus <= GOALS["redis_us_per_check_target"],
         "redis_us_per_check<=40_goal": rus is not None and rus <= GOALS["redis_us_per_check_goal"],
     }
+    # Issue 14's targets, all same-run ratios.
+    tel = out["telemetry_cost"] or {}
+    cpu_echo = out.get("cpu_ratio_check_to_echo")
+    tp_naive = out.get("throughput_ratio_check_to_naive")
+    p99_echo = out.get("p99_half_load_ratio_check_to_echo")
+    tel_tp, tel_p99 = tel.get("throughput_cost_pct"), tel.get("p99_cost_pct")
+    out["targets"] = {
+        "server_cpu_per_check<=2x_echo": cpu_echo is not None and cpu_echo <= 2.0,
+        "max_throughput>=1.5x_naive": tp_naive is not None and tp_naive >= 1.5,
+        "half_load_p99<=1.5x_echo": p99_echo is not None and p99_echo <= 1.5,
+        "telemetry_cost<=5%_throughput": tel_tp is not None and tel_tp <= 5.0,
+        "telemetry_cost<=5%_p99": tel_p99 is not None and tel_p99 <= 5.0,
+    }
+    total = sum(out["check"]["decisions"].values()) or 1
+    out["check"]["mix"] = {k: round(v / total, 3) for k, v in sorted(out["check"]["decisions"].items())}
     return out
 
 
@@ -602,7 +690,27 @@ def summarize_overload(check: dict[str, Any]) -> dict[str, Any] | None:
     shed = errors.pop("RESOURCE_EXHAUSTED", 0)
     answered = step["ok"] + shed + sum(errors.values())
     lat = step.get("failed_latency_ms", {}).get("RESOURCE_EXHAUSTED", {})
+    budget_ms = Settings().budget_ms
+    recovery = step.get("recovery", {})
+    late = {
+        sec: codes
+        for sec, codes in recovery.get("by_second_after_burst", {}).items()
+        if int(sec) >= RECOVERY_AFTER_S
+    }
+    shed_late = sum(codes.get("RESOURCE_EXHAUSTED", 0) for codes in late.values())
+    ok_p99, re_p99 = step["latency_ms"].get("p99"), lat.get("p99")
+    promise = {
+        f"ok_p99<=budget+{PROMISE_SLACK_MS:g}ms": ok_p99 is not None
+        and ok_p99 <= budget_ms + PROMISE_SLACK_MS,
+        f"resource_exhausted_p99<={PROMISE_SLACK_MS:g}ms": re_p99 is None or re_p99 <= PROMISE_SLACK_MS,
+        f"no_refusal_{RECOVERY_AFTER_S}s_after_burst": bool(recovery) and shed_late == 0,
+    }
     return {
+        "budget_ms": budget_ms,
+        "recovery": recovery,
+        "refused_after_burst": shed_late,
+        "promise": promise,
+        "promise_kept": all(promise.values()),
         "factor": step.get("factor"),
         "target_rps": step["target_rps"],
         "offered_rps": step.get("offered_rps"),
@@ -661,6 +769,12 @@ def summarize_telemetry(config: dict[str, Any], c: dict[str, Any]) -> dict[str, 
         "on_server_cpu_us_per_call": on_cpu,
         "off_server_cpu_us_per_call": off_cpu,
         "server_cpu_cost_pct": round(100.0 * (on_cpu - off_cpu) / on_cpu, 1) if on_cpu and off_cpu else None,
+        "p99_cost_pct": (
+            round(100.0 * (on_p99 - off_p99) / off_p99, 1)
+            if (on_p99 := c["half_load_latency_ms"].get("p99"))
+            and (off_p99 := off_open.get("latency_ms", {}).get("p99"))
+            else None
+        ),
         "half_load_rps": off_open.get("target_rps"),
         "on_half_load_latency_ms": c["half_load_latency_ms"],
         "off_half_load_latency_ms": {
@@ -751,6 +865,45 @@ def _lat(d: dict[str, Any]) -> str:
     return " / ".join(_fmt(d.get(k), ".2f") for k in ("p50", "p99", "p99.9"))
 
 
+def render_peers(s: dict[str, Any]) -> list[str]:
+    """Every server of the run side by side, Check's ratios to each, the targets, the mix."""
+    lines = [
+        "",
+        f"peers, same run ({s['workers']} worker(s) each)      max req/s @c   server CPU us/call   "
+        "half-load p50 / p99 ms    Check ratio: req/s, CPU, p99",
+    ]
+    for kind in ("echo", "naive", "mlserver", "check"):
+        r = s.get(kind)
+        if r is None:
+            continue
+        if "max_throughput_rps" not in r:
+            lines.append(f"  {kind:34}{r.get('status')}")
+            continue
+        lat = r["half_load_latency_ms"]
+        ratios = ""
+        if kind != "check":
+            tp = s.get(f"throughput_ratio_check_to_{kind}")
+            cpu = s.get(f"cpu_ratio_check_to_{kind}")
+            p99 = s.get(f"p99_half_load_ratio_check_to_{kind}")
+            ratios = f"{_fmt(tp, '.2f')}, {_fmt(cpu, '.2f')}, {_fmt(p99, '.2f')}"
+        lines.append(
+            f"  {kind:34}{_fmt(r['max_throughput_rps']) + ' @' + str(r['max_at_concurrency']):>14}"
+            f"{_fmt(r['server_cpu_us_per_call_at_max']):>21}"
+            f"{_fmt(lat['p50'], '.2f') + ' / ' + _fmt(lat['p99'], '.2f'):>26}    {ratios}"
+        )
+    lines.append(
+        "  targets: " + ", ".join(f"{name} {'ok' if met else 'MISSED'}" for name, met in s["targets"].items())
+    )
+    mix = s["check"]["mix"]
+    pop = s.get("population") or {}
+    lines.append(
+        "  traffic mix (Check answers): "
+        + ", ".join(f"{k} {v:.1%}" for k, v in mix.items())
+        + (f"; retries {pop.get('retry_share_sent', 0):.1%} of requests" if pop else "")
+    )
+    return lines
+
+
 def render_extra_steps(s: dict[str, Any]) -> list[str]:
     """Overload, telemetry cost and model reloads of one configuration."""
     lines: list[str] = []
@@ -765,6 +918,13 @@ def render_extra_steps(s: dict[str, Any]) -> list[str]:
             f"{str(over['resource_exhausted']) + ', ' + _fmt(over['resource_exhausted_share'], '.1%'):>23}",
             f"{'  OK p50/p99/p99.9 (ms)':34}{_lat(over['ok_latency_ms']):>23}",
             f"{'  RESOURCE_EXHAUSTED p50/p99/p99.9':34}{_lat(over['resource_exhausted_latency_ms']):>23}",
+            f"{'  after the burst (s: statuses)':34}"
+            + ", ".join(
+                f"{sec}: {json.dumps(codes)}"
+                for sec, codes in over["recovery"].get("by_second_after_burst", {}).items()
+            ),
+            "  promise: "
+            + ", ".join(f"{name} {'ok' if kept else 'BROKEN'}" for name, kept in over["promise"].items()),
             f"{'  other statuses / dropped':34}{json.dumps(over['other_errors']):>23}"
             f"   {over['dropped_open_loop']} dropped, {over['degraded']} degraded, "
             f"other processes {_fmt(over['other_processes_cpu_cores'], '.2f')} cores",
@@ -851,6 +1011,7 @@ def render(report: dict[str, Any]) -> str:
             f"{'Check decisions':34}{json.dumps(c['decisions'])}  degraded "
             f"{c['degraded']}, replayed {c['replayed']}",
         ]
+        lines += render_peers(s)
         lines += render_extra_steps(s)
     for cfg in report["configs"]:
         scripts = cfg["check"].get("redis_scripts", {}).get("scripts", {})
@@ -997,6 +1158,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reload-interval", type=float, default=0.4, help="seconds between model flips")
     p.add_argument(
+        "--gate-args",
+        default="",
+        help="more flags for the gate's serve command, e.g. '--shed-start 8' (one string)",
+    )
+    p.add_argument(
+        "--peers",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=[],
+        help="more peers beside echo and the naive stack: 'mlserver' (MLServer's LightGBM runtime "
+        "on the same model.txt, from --mlserver-venv)",
+    )
+    p.add_argument(
+        "--mlserver-venv",
+        type=Path,
+        default=ROOT / ".venv-mlserver",
+        help="virtualenv with mlserver and mlserver-lightgbm (bench/mlserver_peer.py says how to make it)",
+    )
+    p.add_argument(
         "--no-telemetry-cost",
         dest="telemetry_cost",
         action="store_false",
@@ -1098,8 +1277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "were degraded (Redis timed out or failed): the figures are not clean",
                 file=sys.stderr,
             )
-        for kind in ("echo", "check"):
-            if s[kind]["dropped_open_loop"]:
+        for kind in ("echo", "check", "naive"):
+            if kind in s and s[kind].get("dropped_open_loop"):
                 print(
                     f"\nWARNING ({s['workers']} worker(s)): {kind} open loop dropped "
                     f"{s[kind]['dropped_open_loop']} arrivals (over {MAX_OUTSTANDING} in "
@@ -1109,8 +1288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     busy = [
         f"{s['workers']}w/{kind} {s[kind]['other_processes_cpu_cores']}"
         for s in summaries
-        for kind in ("echo", "check")
-        if (s[kind]["other_processes_cpu_cores"] or 0) > 0.2
+        for kind in ("echo", "check", "naive")
+        if kind in s and (s[kind].get("other_processes_cpu_cores") or 0) > 0.2
     ]
     if busy:
         print(
@@ -1122,8 +1301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = {
         f"{s['workers']}w/{kind}": s[kind]["errors"]
         for s in summaries
-        for kind in ("echo", "check")
-        if s[kind]["errors"]
+        for kind in ("echo", "check", "naive", "mlserver")
+        if kind in s and s[kind].get("errors")
     }
     for s in summaries:
         over, rel, tel = s.get("overload"), s.get("reload"), s.get("telemetry_cost")
@@ -1139,10 +1318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if tel and tel["errors"]:
             failures[f"{s['workers']}w/no-telemetry"] = tel["errors"]
+    broken = {
+        f"{s['workers']}w": [name for name, kept in s["overload"]["promise"].items() if not kept]
+        for s in summaries
+        if s.get("overload") and not s["overload"]["promise_kept"]
+    }
     if failures:
         print(f"\nFAILED: calls ended with non-OK status: {json.dumps(failures)}", file=sys.stderr)
-        return 1
-    return 0
+    if broken:
+        print(f"\nFAILED: overload promise broken: {json.dumps(broken)}", file=sys.stderr)
+    return 1 if failures or broken else 0
 
 
 def _version(dist: str) -> str | None:

@@ -131,18 +131,31 @@ class Admission:
         )
 
     def admit(self) -> bool:
-        """True to serve a new call, False to refuse it with RESOURCE_EXHAUSTED now."""
-        if self.active >= self.max_concurrency:
+        """True to serve a new call (it is counted until ``release()``), False to refuse it with
+        RESOURCE_EXHAUSTED now: ``shed()`` then ``enter()``."""
+        if self.shed():
             return False
+        return self.enter()
+
+    def shed(self) -> bool:
+        """True to refuse a new call now. Asked as soon as the call reaches Python, before its
+        request is read or parsed (gate/server.py), so a refusal costs gRPC's minimum."""
+        if self.active >= self.max_concurrency:
+            return True
         if self.counter is not None:
             now = self.clock()
             since = now - self._read_at
-            if since > 2 * self._next_read_s:
+            if since > max(2 * self._next_read_s, self.window_s):
                 self._restart(now)
             elif since >= self._next_read_s:
                 self._read(now)
         excess = self.held - self.shed_start
-        if excess > 0 and self.rand() * (self.max_concurrency - self.shed_start) < excess:
+        return excess > 0 and self.rand() * (self.max_concurrency - self.shed_start) < excess
+
+    def enter(self) -> bool:
+        """Count a call ``shed()`` let through, unless ``max_concurrency`` calls are running
+        already (calls admitted together can pass ``shed()`` before any of them entered)."""
+        if self.active >= self.max_concurrency:
             return False
         self.active += 1
         return True
@@ -161,9 +174,11 @@ class Admission:
             self.streams -= 1
 
     def _restart(self, now: float) -> None:
-        """No call reached a handler for a while, so nothing stood in front of them: the window
-        restarts from an empty process. No read is needed for that (nor paid for by the first
-        call after a pause): a backlog must now stand a whole window after the next read."""
+        """No call reached a handler for a whole window (not merely a read interval: a process
+        the kernel did not run for a few ms, under overload, has not gone idle), so nothing stood
+        in front of them: the window restarts from an empty process. No read is needed for that
+        (nor paid for by the first call after a pause): a backlog must now stand a whole window
+        after the next read."""
         self._reads.clear()
         self._reads.append([0, math.inf])
         self.held = 0.0

@@ -40,7 +40,7 @@ from gate.redisdriver import ClusterDriver, SingleNodeDriver, make_driver
 from gate.redishealth import RedisHealth
 from gate.reflection import enable_reflection
 from gate.reloader import ModelHolder, ModelWatcher
-from gate.service import RefundGateService, bad_request_status
+from gate.service import OVERLOADED, RefundGateService, bad_request_status
 from gate.settings import Settings
 from gate.telemetry import (
     Telemetry,
@@ -105,6 +105,48 @@ def _unary(
     return grpc.unary_unary_rpc_method_handler(
         handle, request_deserializer=None, response_serializer=lambda m: m.SerializeToString()
     )
+
+
+class _AdmittingHandler(grpc.GenericRpcHandler):
+    """RefundGate's methods behind admission control, decided when a call reaches Python.
+
+    grpc.aio asks ``service()`` for each call's handler before it reads the request, so an
+    overloaded process answers RESOURCE_EXHAUSTED without reading, parsing, tracing or queueing
+    the request: a handler that takes the request as a stream (never read) and aborts at once.
+    That keeps the refusal to gRPC's own minimum per call, which is what bounds how late the
+    refusals of an overloaded process are (gate/admission.py)."""
+
+    def __init__(
+        self,
+        handlers: dict[str, grpc.RpcMethodHandler],
+        admission: Admission,
+        telemetry: Telemetry,
+        durations: dict[str, Any],
+    ) -> None:
+        self._handlers = {f"/{SERVICE_NAME}/{name}": h for name, h in handlers.items()}
+        self._admission = admission
+        self._refuse = {f"/{SERVICE_NAME}/{name}": _refusal(telemetry, durations[name]) for name in handlers}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is not None and self._admission.shed():
+            return self._refuse[method]
+        return handler
+
+
+def _refusal(telemetry: Telemetry, duration: Any) -> grpc.RpcMethodHandler:
+    """A handler answering RESOURCE_EXHAUSTED without reading the request (counted as shed)."""
+    shed, outcome = telemetry.m.shed, {"outcome": "RESOURCE_EXHAUSTED"}
+
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        shed.add(1)
+        duration.record(0.0, outcome)
+        # The status without abort(): no exception unwinding through grpc.aio's handler.
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details(OVERLOADED)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 class _HealthServicer(health.aio.HealthServicer):
@@ -421,12 +463,14 @@ def create_gate(
     )
     server.add_generic_rpc_handlers(
         (
-            grpc.method_handlers_generic_handler(
-                SERVICE_NAME,
+            _AdmittingHandler(
                 {
                     "Check": _unary(service.Check, pb.CheckRequest, telemetry),
                     "RecordEvents": _unary(service.RecordEvents, pb.RecordEventsRequest, telemetry),
                 },
+                admission,
+                telemetry,
+                {"Check": telemetry.m.check_duration, "RecordEvents": telemetry.m.events_duration},
             ),
         )
     )

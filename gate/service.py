@@ -21,9 +21,7 @@ no raw identifier: the refund_id is filled in from the request.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,9 +37,10 @@ from gate import features, policy
 from gate.admission import Admission
 from gate.answers import DegradedAnswers
 from gate.bundle import Bundle
-from gate.decisionlog import DecisionLog, DecisionRecord
+from gate.decisionlog import DecisionLog
 from gate.journal import OutageJournal
-from gate.redisclient import RedisError, RedisTimeout, RedisUnavailable
+from gate.pipeline import SHADOW_MIN_S, Decider, observe, prepare, redis_problem
+from gate.redisclient import RedisError
 from gate.redishealth import RedisHealth
 from gate.reloader import ModelHolder
 from gate.settings import Settings
@@ -60,7 +59,6 @@ _DECISIONS = {
 }
 _OUTCOMES = {v: k for k, v in _DECISIONS.items()}
 EVENTS_TIMEOUT_S = 2.0
-SHADOW_MIN_S = 0.001  # budget that must be left to score the shadow model; otherwise skip it
 OVERLOADED = "gate overloaded, retry later"
 REUSED_ID = "refund_id was already used for a different request"
 R = TypeVar("R")
@@ -70,46 +68,6 @@ R = TypeVar("R")
 class _InFlight:
     fingerprint: bytes
     future: asyncio.Future[pb.CheckResponse]
-
-
-def prepare(
-    store: VelocityStore, request: pb.CheckRequest, at_s: float
-) -> tuple[features.RequestFeatures, RefundFacts]:
-    """Request features and hashed facts of a validated request (no I/O)."""
-    rf = features.from_request(request, at_s)
-    return rf, store.refund_facts(request, at_s, rf.flags)
-
-
-async def observe(
-    store: VelocityStore, rf: features.RequestFeatures, facts: RefundFacts, timeout_s: float
-) -> tuple[CheckVelocity | None, list[float], str | None]:
-    """Record the refund, read its windows (one round trip) and assemble the feature row.
-
-    This is the only way a feature row is made: Check serves with it and the training set is
-    built with it, so the model learns exactly what the gate will see. Velocity is None (and its
-    features NaN) when Redis failed or there was no time left for it; the third value then says
-    why: "no_time", "timeout", "unavailable" (down or breaker open) or "error"; "script" when
-    only some entities failed.
-    """
-    velocity: CheckVelocity | None = None
-    problem: str | None = "no_time"
-    if timeout_s > 0:
-        try:
-            velocity = await store.record_and_read(facts, timeout_s)
-            problem = None if velocity.complete else "script"
-        except RedisError as exc:
-            problem = redis_problem(exc)
-    row = features.assemble(rf, velocity.counters if velocity is not None else {})
-    return velocity, row, problem
-
-
-def redis_problem(exc: RedisError) -> str:
-    """Metric label of a velocity store failure."""
-    if isinstance(exc, RedisTimeout):
-        return "timeout"
-    if isinstance(exc, RedisUnavailable):
-        return "unavailable"
-    return "error"
 
 
 def bad_request_status(err: ValidationError) -> grpc.Status:
@@ -153,6 +111,29 @@ class Refused(Exception):
         raise AssertionError("unreachable: abort raises")
 
 
+class MetricsObserver:
+    """The pipeline's counts (gate/pipeline.py's Observer) as OpenTelemetry metrics."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.m = telemetry.m
+
+    def stage(self, name: str, seconds: float) -> None:
+        """Stage duration histogram."""
+        self.m.stage_duration.record(seconds, {"stage": name})
+
+    def redis_problem(self, kind: str) -> None:
+        """Velocity store failures by kind."""
+        self.m.redis_errors.add(1, {"kind": kind})
+
+    def decided(self, decision: str, model_version: str, degraded: bool) -> None:
+        """Decisions by outcome, model version, degraded."""
+        self.m.decisions.add(1, {"decision": decision, "model_version": model_version, "degraded": degraded})
+
+    def shadow(self, version: str, agree: bool) -> None:
+        """Shadow verdicts by version and agreement."""
+        self.m.shadow.add(1, {"shadow_version": version, "agree": agree})
+
+
 class RefundGateService(pb_grpc.RefundGateServicer):
     """Check and RecordEvents over one velocity store and the live model."""
 
@@ -176,10 +157,15 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         self.decision_log = decision_log
         self.clock = clock
         self.admission = admission or Admission.from_settings(settings)
-        self.degraded_policy = policy.DegradedPolicy(settings.degraded_approve_below_minor)
-        self.reject_limits = policy.RejectLimits(
-            needs_behaviour=settings.reject_needs_behaviour,
-            returned_at_most_hold=settings.returned_at_most_hold,
+        self.observer = MetricsObserver(telemetry)
+        self.decider = Decider(
+            policy.DegradedPolicy(settings.degraded_approve_below_minor),
+            policy.RejectLimits(
+                needs_behaviour=settings.reject_needs_behaviour,
+                returned_at_most_hold=settings.returned_at_most_hold,
+            ),
+            decision_log,
+            self.observer,
         )
         self.redis_health = redis_health
         self.journal = journal
@@ -202,11 +188,12 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         work: Callable[[float], Awaitable[R]],
         outcome_of: Callable[[R], str],
     ) -> R:
-        """Run one counted call: ask admission control first (overloaded: refuse before any
-        work, see gate/admission.py), then record its duration by outcome, release it, and only
-        then send a refusal the work raised."""
+        """Run one counted call: count it in admission control (gate/admission.py; the refusals
+        of an overloaded process are decided before the request is even read, in gate/server.py,
+        and this refuses only past ``max_concurrency`` running), then record its duration by
+        outcome, release it, and only then send a refusal the work raised."""
         started = time.monotonic()
-        if not self.admission.admit():
+        if not self.admission.enter():
             self.metrics.shed.add(1)
             duration.record(time.monotonic() - started, {"outcome": "RESOURCE_EXHAUSTED"})
             await Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED).send(context)
@@ -306,7 +293,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         started: float,
         original: bool = True,
     ) -> pb.CheckResponse:
-        tel, m = self.telemetry, self.metrics
+        tel = self.telemetry
         span = trace.get_current_span()
         redis_s = self._budget_s(started, context) - self.settings.score_reserve_ms / 1000.0
         t0 = time.monotonic()
@@ -315,64 +302,38 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             if stage is not None:
                 stage.set_attribute("refundgate.velocity.problem", problem or "none")
         t1 = time.monotonic()
-        m.stage_duration.record(t1 - t0, {"stage": "velocity"})
+        self.observer.stage("velocity", t1 - t0)
         if problem is not None:
-            m.redis_errors.add(1, {"kind": problem})
+            self.observer.redis_problem(problem)
         if self.redis_health is not None:
             self.redis_health.record_check(problem)
         replay = self._replay(request, velocity, facts)
         if replay is not None:
             return replay
-        counters = velocity.counters if velocity is not None else {}
-        degraded = velocity is None or not velocity.complete
-        model = bundle.model
-        with tel.stage("score", span):
-            score = model.score(row)
-        t2 = time.monotonic()
-        m.stage_duration.record(t2 - t1, {"stage": "score"})
-        account = counters.get("account")
-        facts_for_rules = policy.Facts(
-            amount_minor=request.amount_minor,
-            order_amount_minor=request.order_amount_minor,
-            order_amount_asked=int(account["order_amount"]) if account else None,
-            blocked=velocity.blocked if velocity is not None else (),
-            degraded=degraded,
-            item_returned=request.item_returned,
-        )
-        with tel.stage("policy", span):
-            verdict = policy.decide(
-                score,
-                bundle.thresholds,
-                facts_for_rules,
-                self.degraded_policy,
-                explain=lambda: bundle.explain(model.last_leaves()).tolist(),
-                limits=self.reject_limits,
-            )
-        t3 = time.monotonic()
-        m.stage_duration.record(t3 - t2, {"stage": "policy"})
-        m.decisions.add(
-            1, {"decision": verdict.decision, "model_version": bundle.version, "degraded": degraded}
-        )
+        verdict = self.decider.decide(bundle, request, velocity, row, facts, t1)
         if span.is_recording():
+            tel.retro_stage("score", span, t1, verdict.scored)
+            tel.retro_stage("policy", span, verdict.scored, verdict.decided)
             health = self.redis_health
             span.set_attributes(
                 {
                     "refundgate.decision": verdict.decision,
                     "refundgate.model_version": bundle.version,
-                    "refundgate.degraded": degraded,
+                    "refundgate.degraded": verdict.degraded,
                     "refundgate.breaker": health.state if health is not None else "none",
                     "refundgate.velocity_ms": round((t1 - t0) * 1000, 3),
-                    "refundgate.score_ms": round((t2 - t1) * 1000, 3),
+                    "refundgate.score_ms": round((verdict.scored - t1) * 1000, 3),
                 }
             )
         status = velocity.status if velocity is not None else None
+        degraded = verdict.degraded
         response = pb.CheckResponse(  # no refund_id yet: what is stored holds no raw id
             decision=_DECISIONS[verdict.decision],
-            score=score,
+            score=verdict.score,
             reasons=[pb.Reason(code=c, detail=policy.REASON_DETAILS[c]) for c in verdict.reasons],
             model_version=bundle.version,
             degraded=degraded,
-            decision_id=_decision_id(facts.refund, status),
+            decision_id=verdict.decision_id,
         )
         if original and (status == Status.COUNTED or degraded):
             blob = response.SerializeToString()
@@ -389,39 +350,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             return response
         shadow_verdict: tuple[str, float, str] | None = None
         if shadow is not None and self._budget_s(started, context) > SHADOW_MIN_S:
-            shadow_score = shadow.model.score(row)
-            shadow_model = shadow.model
-            would = policy.decide(
-                shadow_score,
-                shadow.thresholds,
-                facts_for_rules,
-                self.degraded_policy,
-                explain=lambda: shadow.explain(shadow_model.last_leaves()).tolist(),
-                limits=self.reject_limits,
-            ).decision
-            shadow_verdict = (shadow.version, shadow_score, would)
-            m.shadow.add(1, {"shadow_version": shadow.version, "agree": would == verdict.decision})
-        if self.decision_log is not None:
-            self.decision_log.submit(
-                DecisionRecord(
-                    decision_id=response.decision_id,
-                    at=facts.at_ms / 1000.0,
-                    refund=facts.refund,
-                    account=facts.account,
-                    merchant=facts.merchant,
-                    order=facts.order,
-                    device=facts.device,
-                    ip=facts.ip,
-                    features=row,
-                    score=score,
-                    model_version=bundle.version,
-                    decision=verdict.decision,
-                    reasons=verdict.reasons,
-                    degraded=degraded,
-                    latency_ms=(time.monotonic() - started) * 1000.0,
-                    shadow=shadow_verdict,
-                )
-            )
+            shadow_verdict = self.decider.shadow(shadow, row, verdict)
+        self.decider.record(verdict, facts, row, started, shadow_verdict)
         return response
 
     def _replay(
@@ -502,13 +432,6 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             ) from None
         accepted = sum(1 for st in statuses if st == Status.COUNTED)
         return pb.RecordEventsResponse(accepted=accepted, duplicates=len(statuses) - accepted)
-
-
-def _decision_id(refund_hash: str, status: Status | None) -> str:
-    """Derived from the refund when its count is known (so racing copies agree), else random."""
-    if status is None:
-        return "d-" + os.urandom(12).hex()
-    return "d-" + hashlib.blake2b(refund_hash.encode(), digest_size=12).hexdigest()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

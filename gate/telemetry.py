@@ -222,6 +222,17 @@ class Telemetry:
         with self.tracer.start_as_current_span(name, record_exception=False) as span:
             yield span
 
+    def retro_stage(self, name: str, parent: Span, start: float, end: float) -> None:
+        """A child span of a sampled call for a step that already ran from ``start`` to ``end``
+        (``time.monotonic()`` seconds), so the step itself never touched the tracer."""
+        if not parent.is_recording():
+            return
+        offset_ns = time.time_ns() - time.monotonic_ns()
+        span = self.tracer.start_span(
+            name, context=trace.set_span_in_context(parent), start_time=int(start * 1e9) + offset_ns
+        )
+        span.end(end_time=int(end * 1e9) + offset_ns)
+
     def shutdown(self) -> None:
         """Flush and stop exporters."""
         if self.tracer_provider is not None:

@@ -2,7 +2,7 @@
 the simulator's) replayed, in time order, through the gate's own validation, RecordEvents and
 Check feature path against a real Redis, then labelled from the outcomes (model/labels.py).
 
-No feature is computed here: every row is what ``gate.service.observe`` returned at that moment,
+No feature is computed here: every row is what ``gate.pipeline.observe`` returned at that moment,
 exactly as a live Check would have seen it. Requests go out on one pipelined connection in time
 order, and Redis runs them in that order, so many can be in flight without breaking causality.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gate.pipeline import observe, prepare
 from gate.redisclient import RedisAddress
 from gate.redisdriver import SingleNodeDriver
-from gate.service import observe, prepare
 from gate.validation import validate_check, validate_events
 from gate.velocity import LOAD_SCRIPTS, IdHasher, VelocityStore
 from model.labels import DEFAULT_MATURITY_DAYS, LabelSet, label_refunds

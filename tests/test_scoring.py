@@ -516,3 +516,44 @@ def test_compile_cli_reports_time(
     assert out.stat().st_mode & 0o444 == 0o444
     model = load_model(trained.model_txt, out, feature_names=FEATURE_NAMES)
     assert model.engine == ENGINE_COMPILED
+
+
+ONE_THREAD_PROBE = """
+import os, sys
+from pathlib import Path
+import numpy as np
+from gate.bundle import load_bundle
+from gate.features import FEATURE_NAMES
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+bundle = load_bundle(Path(sys.argv[1]))  # the compiled engine's self-check runs Booster.predict
+model = bundle.model
+rows = np.random.default_rng(1).normal(size=(256, model.num_features))
+model.predict_many(rows)
+from gate.scoring import load_model
+fallback = load_model(Path(sys.argv[1]) / "model.txt", feature_names=FEATURE_NAMES)
+for row in rows:
+    fallback.score(row.tolist())
+    fallback.last_leaves()
+print(threads() - before)
+"""
+
+
+def test_the_gates_lightgbm_calls_start_no_thread_team(bundle_dir: Path) -> None:
+    """Every Booster the gate uses (the compiled engine's self-check, predict_many and the
+    LightGBM fallback engine) runs on the calling thread: no OpenMP team is started, even with
+    OMP_NUM_THREADS unset on a machine with several cores."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_THREAD_PROBE, str(bundle_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    assert int(done.stdout.strip().splitlines()[-1]) == 0, done.stdout
