@@ -212,7 +212,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "acct_digital_quick_7d",
         "account",
-        "SERIAL_QUICK_DIGITAL_REFUNDS",
+        "REPEATED_QUICK_DIGITAL_REFUNDS",
         "Digital goods refunds within an hour of the order, 7 d, before this one.",
         field="digital_quick_7d",
     ),
@@ -475,7 +475,7 @@ FEATURES: tuple[Feature, ...] = (
     _f(
         "m_digital_quick_24h",
         "merchant",
-        "MERCHANT_QUICK_DIGITAL_REFUNDS",
+        "REPEATED_QUICK_DIGITAL_REFUNDS",
         "Digital goods quick refunds at the merchant, 24 h.",
         field="digital_quick_24h",
     ),

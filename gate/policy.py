@@ -61,8 +61,8 @@ REASON_DETAILS: dict[str, str] = {
     "CLAIM_HISTORY": "the account's 'not received' claims are unusual for this refund",
     "MERCHANT_FEW_RETURNS": "few of the merchant's refunded items come back",
     "REPEATED_UNRETURNED": "the account has had several refunds without sending the item back",
-    "SERIAL_QUICK_DIGITAL_REFUNDS": "the account repeatedly refunds digital goods within an hour",
-    "MERCHANT_QUICK_DIGITAL_REFUNDS": "many digital goods refunds within an hour at this merchant",
+    "REPEATED_QUICK_DIGITAL_REFUNDS": "digital goods refunded within the hour again and again, by the "
+    "account or at this merchant",
 }
 REASON_CODES: tuple[str, ...] = tuple(dict.fromkeys(f.reason for f in FEATURES))
 """The codes the model's features can give: the order of an explanation's weights."""

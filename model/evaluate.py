@@ -36,8 +36,9 @@ from model.simulate import ABUSE_SCENARIOS, LEGIT_SCENARIOS
 VELOCITY_COLUMNS = np.array([f.source != "request" for f in FEATURES])
 _RETURNED = FEATURE_INDEX["item_returned"]
 # Reason codes that name each abuse scenario's own signal (model/README.md, Scenarios). A cashout
-# ring is fresh accounts on a few shared devices doing quick digital refunds at a colluding shop:
-# the shared devices are its signal as much as the quick refunds. For BNPL cashout the pair counts
+# ring is fresh accounts on a few shared devices refunding every gift card they buy, within the
+# hour, at a colluding shop: shared devices and an all-refund history are its signal as much as
+# the quick refunds. For BNPL cashout the pair counts
 # too: the shop's honest buyers share its merchant counters, and what singles out a cashout refund
 # is the same mule accounts ordering and refunding there again.
 SCENARIO_SIGNALS: dict[str, frozenset[str]] = {
@@ -45,9 +46,9 @@ SCENARIO_SIGNALS: dict[str, frozenset[str]] = {
     "cashout_ring": frozenset(
         {
             "MANY_ACCOUNTS_ON_DEVICE",  # a ring packs its fresh accounts onto a few devices
+            "HIGH_REFUND_RATE",  # ... and every one of them refunds every purchase
             "DIGITAL_GOODS_QUICK_REFUND",
-            "SERIAL_QUICK_DIGITAL_REFUNDS",
-            "MERCHANT_QUICK_DIGITAL_REFUNDS",
+            "REPEATED_QUICK_DIGITAL_REFUNDS",
             "MERCHANT_COLLUSION",
         }
     ),

@@ -66,7 +66,7 @@ def test_signals_cover_every_abuse_scenario() -> None:
 
 def test_the_sample_has_the_behaviours_the_model_never_trained_on(decided: Decided) -> None:
     for name in HELD_OUT_BEHAVIOURS:
-        assert (decided.scenario == name).sum() >= 100, name
+        assert (decided.scenario == name).sum() >= 30, name
 
 
 def test_each_abuse_scenario_is_explained_by_its_own_signal(decided: Decided) -> None:
