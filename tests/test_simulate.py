@@ -87,7 +87,7 @@ def test_same_seed_gives_byte_identical_output(tmp_path: Path, capsys: pytest.Ca
     data = first.read_bytes()
     assert data == second.read_bytes()
     lines = data.splitlines()
-    assert 10_000 < len(lines) < 14_000  # --events is approximate
+    assert 10_000 < len(lines) < 16_000  # --events is approximate (coarser at tiny sizes)
     for line in lines[:2000]:
         assert record_line(parse_line(line)) == line
     assert not read_records([first]).bad  # the history format, every line good
@@ -474,7 +474,8 @@ def test_bnpl_cashout_spikes_the_shops_refund_ratio(run: Run) -> None:
             refunds = sum(lo <= c.requested_at.seconds < hi for _, c in run.checks if c.merchant_id == shop)
             return refunds / orders
 
-        assert ratio(turn, stop) > 3 * ratio(0, turn)  # honest customers before the turn
+        # Honest customers before the turn, pay-later returners among them (legit_bnpl_returner).
+        assert ratio(turn, stop) > 2 * ratio(0, turn)
 
 
 def test_refund_exceeds_order_at_once_or_in_split_parts(run: Run) -> None:
