@@ -11,10 +11,12 @@ decision.
 
 The same answer on every retry, outage or not: an answer given degraded is remembered by this
 process (gate/answers.py) and journaled (gate/journal.py), which counts the refund once Redis is
-back and stores the answer there for every worker. So a retry gets, in this order: the answer
-Redis holds; else this process's own degraded answer (``replayed=true`` once Redis confirms no
-answer came before it, ``replayed=false`` while Redis cannot say); else a new decision, with
-``replayed=false``: ``replayed=true`` only ever carries the answer on record. Stored answers hold
+back and, when that is the refund's first count, stores the answer there for every worker. So a
+retry gets, in this order: the answer Redis holds (``replayed=true``); else this process's own
+degraded answer (``replayed=false``: an earlier call's stored answer may have been lost, so it
+is not known to be the first); else a new decision, with ``replayed=false``. A concurrent copy
+gets its original's answer, ``replayed=true`` only when that answer is the one on record.
+``replayed=true`` only ever carries the answer on record. Stored answers hold
 no raw identifier: the refund_id is filled in from the request.
 """
 
@@ -68,6 +70,7 @@ R = TypeVar("R")
 class _InFlight:
     fingerprint: bytes
     future: asyncio.Future[pb.CheckResponse]
+    on_record: bool = False  # its answer is the refund's answer on record (stored, or replayed)
 
 
 def bad_request_status(err: ValidationError) -> grpc.Status:
@@ -241,7 +244,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             # A copy that gave up waiting for its original is not the original: its answer is
             # never stored as the refund's (the original's is, by it or its journal entry).
             response = await self._decide(
-                request, context, bundle, shadow, rf, facts, started, original=waiting is None
+                request, context, bundle, shadow, rf, facts, started, original=waiting is None, flight=mine
             )
             mine.future.set_result(response)
             return response
@@ -269,8 +272,11 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             return None  # the original failed or was abandoned: decide on our own
         response = pb.CheckResponse()
         response.CopyFrom(future.result())
-        response.replayed = True
-        self.metrics.replays.add(1)
+        # The original's answer; a replay only if it is the one on record (a degraded decision
+        # Redis never saw may be a second opinion on a refund answered before).
+        response.replayed = waiting.on_record
+        if waiting.on_record:
+            self.metrics.replays.add(1)
         return response
 
     def _budget_s(self, started: float, context: grpc.aio.ServicerContext) -> float:
@@ -292,6 +298,7 @@ class RefundGateService(pb_grpc.RefundGateServicer):
         facts: RefundFacts,
         started: float,
         original: bool = True,
+        flight: _InFlight | None = None,
     ) -> pb.CheckResponse:
         tel = self.telemetry
         span = trace.get_current_span()
@@ -309,6 +316,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             self.redis_health.record_check(problem)
         replay = self._replay(request, velocity, facts)
         if replay is not None:
+            if flight is not None:
+                flight.on_record = replay.replayed
             return replay
         verdict = self.decider.decide(bundle, request, velocity, row, facts, t1)
         if span.is_recording():
@@ -344,6 +353,8 @@ class RefundGateService(pb_grpc.RefundGateServicer):
                 if self.journal is not None:
                     self.journal.add(facts, blob)
         response.refund_id = request.refund_id
+        if flight is not None:  # the first count's answer is the one kept for retries
+            flight.on_record = original and status == Status.COUNTED
         if status == Status.DUPLICATE:
             # Counted before, its answer unknown here (still being decided elsewhere, or given
             # degraded by another worker): decided again, and not claimed to be a replay.
@@ -370,14 +381,13 @@ class RefundGateService(pb_grpc.RefundGateServicer):
             if mine.fingerprint != facts.fingerprint:
                 self._undo(facts, velocity.counted if velocity is not None else [])
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS, REUSED_ID)
-            blob = mine.response
-            if velocity is None or velocity.status is None:
-                # Redis cannot say whether an answer was given before ours (by another worker,
-                # before the outage): the same answer again, but not claimed to be a replay.
-                answer = pb.CheckResponse.FromString(blob)
-                answer.refund_id = request.refund_id
-                return answer
-            self.store.store_reply(facts, blob)  # ours is the first Redis heard of: keep it
+            # Redis holds no answer: it cannot say whether one was given before ours (by another
+            # worker, or by a call whose stored answer was lost). The same answer again, not
+            # claimed to be a replay; the outage journal puts it on record if its count is the
+            # refund's first (VelocityStore.count_late).
+            answer = pb.CheckResponse.FromString(mine.response)
+            answer.refund_id = request.refund_id
+            return answer
         self.metrics.replays.add(1)
         stored = pb.CheckResponse.FromString(blob)
         stored.refund_id = request.refund_id

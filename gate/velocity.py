@@ -774,7 +774,7 @@ class VelocityStore:
 
     async def count_late(self, f: RefundFacts, answer: bytes, timeout_s: float) -> Status:
         """Count a refund decided while Redis was unavailable (the outage journal) at its own
-        time, and keep its answer for retries unless an answer is stored already. Idempotent
+        time, and keep its answer for retries when this count is the refund's first. Idempotent
         by refund id, like every write here. Raises RedisError unless every entity took it."""
         velocity = await self.record_and_read(f, timeout_s)
         if velocity.status is None or not velocity.complete:
@@ -782,8 +782,10 @@ class VelocityStore:
         if velocity.status == Status.CONFLICT:
             if velocity.counted:
                 await self.undo(f, velocity.counted, timeout_s)
-        elif velocity.stored_reply is None:
+        elif velocity.status == Status.COUNTED:  # this is the refund's first count: its answer too
             self.store_reply(f, answer)
+        # DUPLICATE: an earlier call counted it (its answer, if stored, stays; if it was lost, the
+        # journal's is not known to be the first, so it is not put on record).
         return velocity.status
 
     async def undo(self, f: RefundFacts, sources: Sequence[str], timeout_s: float) -> None:
