@@ -38,7 +38,7 @@ EXIT_STATUS = f"""exit status:
        a model bundle refused by a model command
   {USAGE}    usage, input or settings error, or `serve` cannot start (bad bundle, port in use)
   {INTERRUPTED}  interrupted (Ctrl-C)
-  {BROKEN_PIPE}  the reader of the output went away (e.g. `| head`); nothing is printed"""
+  {BROKEN_PIPE}  the reader of the output went away (e.g. `| head`): one line on stderr"""
 
 # Settings a command other than serve reads: only these become its flags.
 REDIS_SETTINGS = ("redis_url", "key_prefix")
@@ -482,6 +482,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         # Python would complain again flushing stdout at exit: point it at /dev/null.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        print("refund-gate: the output's reader went away (broken pipe); stopped", file=sys.stderr)
         return BROKEN_PIPE
 
 
