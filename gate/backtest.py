@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -157,9 +157,10 @@ def _decode_features(values: Any) -> list[float]:
         raise SkippedRecord("features are not all numbers or null") from None
 
 
-def facts_from_record(record: LoggedDecision) -> Facts:
-    """The policy's Facts of a logged decision, rebuilt from its features and reasons."""
-    row = record.features
+def amounts_from_row(row: Sequence[float]) -> tuple[int, int, int | None]:
+    """The guard rules' amounts, rebuilt from a feature row: the refund (``log10_amount``), the
+    order (``refund_order_ratio``) and all asked against the order (``order_refunded_ratio``;
+    None when unknown, as when the decision was degraded)."""
     try:
         amount = round(10.0 ** row[_AMOUNT])
         order_amount = round(amount / row[_REFUND_RATIO])
@@ -168,10 +169,17 @@ def facts_from_record(record: LoggedDecision) -> Facts:
     if amount < 1 or order_amount < 1:
         raise SkippedRecord("log10_amount or refund_order_ratio unknown or out of range")
     asked_ratio = row[_ORDER_RATIO]
+    return amount, order_amount, None if math.isnan(asked_ratio) else round(asked_ratio * order_amount)
+
+
+def facts_from_record(record: LoggedDecision) -> Facts:
+    """The policy's Facts of a logged decision, rebuilt from its features and reasons."""
+    row = record.features
+    amount, order_amount, asked = amounts_from_row(row)
     return Facts(
         amount_minor=amount,
         order_amount_minor=order_amount,
-        order_amount_asked=None if math.isnan(asked_ratio) else round(asked_ratio * order_amount),
+        order_amount_asked=asked,
         blocked=[BLOCK_REASONS[r] for r in record.reasons if r in BLOCK_REASONS],
         degraded=record.degraded,
         item_returned=row[_RETURNED] == 1.0,

@@ -549,14 +549,6 @@ def from_request(req: pb.CheckRequest, requested_at_s: float) -> RequestFeatures
     return RequestFeatures(tuple(named[n] for n in REQUEST_FEATURES), flags, req.order_amount_minor)
 
 
-def velocity_values(source: Source, raw: Mapping[str, float], request: RequestFeatures) -> dict[str, float]:
-    """One velocity source's counters (named as in gate/velocity.py) as its features, by name."""
-    return {
-        f.name: float(raw[f.field]) if f.field is not None else float(f.derive(raw, request))  # type: ignore[misc]
-        for _, f in _BY_SOURCE[source]
-    }
-
-
 def assemble(request: RequestFeatures, velocity: Mapping[Source, Mapping[str, float] | None]) -> list[float]:
     """The full vector in FEATURE_NAMES order; a source that is absent or failed stays NaN."""
     row = [NAN] * len(FEATURE_NAMES)

@@ -155,14 +155,15 @@ def decide(
     if asked > facts.order_amount_minor:
         rules.append("REFUND_EXCEEDS_ORDER")
     rules.extend(f"BLOCKLISTED_{kind.upper()}" for kind in facts.blocked)
+    guarded = bool(rules)  # a guard rule fired: REJECT, whatever the model or the limits say
     if facts.degraded:
         calm = score is not None and score < t.hold
         if not (calm and facts.amount_minor < degraded.approve_below_minor):
             decision = _max(decision, HOLD)
-    if decision == REJECT and not rules and limits.returned_at_most_hold and facts.item_returned:
-        decision = HOLD
-    if rules:
+    if guarded:
         decision = REJECT
+    elif decision == REJECT and limits.returned_at_most_hold and facts.item_returned:
+        decision = HOLD
     if facts.degraded:
         rules.append("FEATURES_UNAVAILABLE")
     if decision == APPROVE:
@@ -171,8 +172,8 @@ def decide(
     reasons = _model_reasons(weights, rules)
     if (
         decision == REJECT
+        and not guarded
         and limits.needs_behaviour
-        and not any(r.startswith(("REFUND_EXCEEDS", "BLOCKLISTED")) for r in rules)
         and not BEHAVIOUR_CODES.intersection(reasons)
     ):
         decision = HOLD

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from gate.features import FEATURE_INDEX, FEATURE_NAMES
+from gate.backtest import amounts_from_row
+from gate.features import FEATURE_NAMES
 from model.dataset import Dataset
 from model.labels import DEFAULT_MATURITY_DAYS, label_refunds
 from model.progress import Progress
@@ -164,9 +165,8 @@ def to_dataset(
     """The training set of these decisions: features as served, labelled from their outcomes
     like a replay (model/labels.py), judged by those labels (production has no ground truth).
 
-    The guard rules' inputs come back from the features themselves: the amount from
-    ``log10_amount``, the order amount from ``refund_order_ratio``, the order's running total
-    from ``order_refunded_ratio`` (NaN when the decision was degraded: no total then).
+    The guard rules' inputs come back from the features themselves, as the backtest rebuilds
+    them (``gate.backtest.amounts_from_row``; no running total when the decision was degraded).
     ``as_of`` defaults to the latest decision or outcome.
     """
     X = rows.X
@@ -175,17 +175,15 @@ def to_dataset(
     refunds = [str(r) for r in rows.refund]
     outcomes = {refund: list(o) for refund, o in zip(refunds, rows.outcomes, strict=True)}
     labels = label_refunds(refunds, rows.at.tolist(), outcomes, as_of=end, maturity_days=maturity_days)
-    amount = np.rint(10.0 ** X[:, FEATURE_INDEX["log10_amount"]])
-    order_amount = np.rint(amount / X[:, FEATURE_INDEX["refund_order_ratio"]])
-    asked = np.nan_to_num(X[:, FEATURE_INDEX["order_refunded_ratio"]] * order_amount)
+    amounts = [amounts_from_row(row) for row in X.tolist()]
     return Dataset(
         X,
         labels.y.copy(),
         np.full(len(rows), "", dtype=object).astype(str),
         rows.at.astype(np.float64),
-        amount=amount.astype(np.int64),
-        order_amount=order_amount.astype(np.int64),
-        order_asked=np.rint(asked).astype(np.int64),
+        amount=np.asarray([a for a, _, _ in amounts], dtype=np.int64),
+        order_amount=np.asarray([o for _, o, _ in amounts], dtype=np.int64),
+        order_asked=np.asarray([k or 0 for _, _, k in amounts], dtype=np.int64),
         records=rows.read,
         label=labels.y,
         labels=labels,

@@ -48,6 +48,7 @@ class Traffic:
     statuses: list[tuple[float, int]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     sigterm: float = 0.0
+    answered: threading.Condition = field(default_factory=threading.Condition)
 
     def relative(self, calls: list[tuple[float, float, grpc.StatusCode]]) -> list[object]:
         """Calls with times in seconds after SIGTERM, for failure messages."""
@@ -69,7 +70,9 @@ class Traffic:
                     code = grpc.StatusCode.OK
                 except grpc.RpcError as err:
                     code = err.code()  # type: ignore[attr-defined]
-                self.calls.append((start, time.time(), code))
+                with self.answered:
+                    self.calls.append((start, time.time(), code))
+                    self.answered.notify_all()
 
     def watch(self) -> None:
         with grpc.insecure_channel(self.target) as channel:
@@ -91,10 +94,11 @@ def through_sigterm(
     threads.append(threading.Thread(target=traffic.watch))
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 30
-    while sum(code == grpc.StatusCode.OK for *_, code in traffic.calls) < 50:
-        assert time.monotonic() < deadline, "no steady load"
-        time.sleep(0.01)
+    with traffic.answered:
+        steady = traffic.answered.wait_for(
+            lambda: sum(code == grpc.StatusCode.OK for *_, code in traffic.calls) >= 50, timeout=30
+        )
+    assert steady, "no steady load"
     at_sigterm()
     traffic.sigterm = time.time()
     gate.proc.send_signal(signal.SIGTERM)
